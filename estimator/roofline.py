@@ -1,0 +1,62 @@
+"""Speed-of-light operator times from a hardware card: the physical prior under the learned model.
+
+Trees cannot extrapolate, so predictors learn ``measured / roofline`` and multiply back; outside
+the profiled range a prediction then still grows with FLOPs and bytes. All functions are
+vectorised over numpy arrays and return microseconds.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from conf.schema import HwConf
+
+# The smallest time any launched kernel takes; keeps ratios finite for tiny shapes.
+MIN_KERNEL_US = 1.0
+
+
+def _roof(flops, nbytes, hw: HwConf):
+    compute_us = np.asarray(flops, dtype=float) / (hw.peak_tflops * 1e6)
+    memory_us = np.asarray(nbytes, dtype=float) / (hw.mem_bw_gbps * 1e3)
+    return np.maximum(np.maximum(compute_us, memory_us), MIN_KERNEL_US)
+
+
+def gemm_flops(m, n, k):
+    return 2.0 * np.asarray(m, float) * np.asarray(n, float) * np.asarray(k, float)
+
+
+def gemm_bytes(m, n, k, dtype_bytes=2):
+    m, n, k = (np.asarray(x, float) for x in (m, n, k))
+    return dtype_bytes * (m * k + k * n + m * n)
+
+
+def gemm_us(m, n, k, hw: HwConf, dtype_bytes=2):
+    return _roof(gemm_flops(m, n, k), gemm_bytes(m, n, k, dtype_bytes), hw)
+
+
+def elementwise_us(num_tokens, width, hw: HwConf, dtype_bytes=2, passes=2.0):
+    """Read + write of a [tokens, width] tensor (``passes`` tensor sweeps)."""
+    nbytes = passes * dtype_bytes * np.asarray(num_tokens, float) * np.asarray(width, float)
+    return _roof(0.0, nbytes, hw)
+
+
+def attention_us(num_q_tokens, num_kv_tokens, q_kv_product_sum, num_heads, num_kv_heads, head_dim,
+                 hw: HwConf, dtype_bytes=2):
+    """QK^T and PV FLOPs over the (query, key) pairs, and one read of Q, K, V and write of O.
+
+    ``q_kv_product_sum`` is the sum over the batch of q_len * kv_len (no causal halving).
+    """
+    pairs = np.asarray(q_kv_product_sum, float)
+    flops = 4.0 * pairs * np.asarray(num_heads, float) * np.asarray(head_dim, float)
+    nbytes = dtype_bytes * np.asarray(head_dim, float) * (
+        2 * np.asarray(num_q_tokens, float) * np.asarray(num_heads, float)
+        + 2 * np.asarray(num_kv_tokens, float) * np.asarray(num_kv_heads, float))
+    return _roof(flops, nbytes, hw)
+
+
+def collective_us(size_bytes, world_size, hw: HwConf, op="all_reduce"):
+    """Ring all-reduce moves 2(n-1)/n of the buffer over each link; send/recv moves it once."""
+    size = np.asarray(size_bytes, float)
+    n = np.asarray(world_size, float)
+    factor = np.where(n > 1, 2 * (n - 1) / n, 0.0) if op == "all_reduce" else 1.0
+    bw = max(hw.link_bw_gbps, 1e-3) * 1e3  # bytes per us
+    return np.maximum(size * factor / bw, MIN_KERNEL_US)

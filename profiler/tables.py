@@ -1,0 +1,120 @@
+"""The tidy-table contract between the profiler (and importers) and the estimator.
+
+One parquet file per operator family: ``<dir>/<family>.parquet``. One row per measured point,
+one column per variable, units in column names, provenance as JSON in the schema metadata
+under the key ``opcast``. This module needs only pyarrow/pandas (no torch).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+META_KEY = b"opcast"
+SCHEMA_VERSION = 1
+
+STAT_COLUMNS = ["time_us_median", "time_us_mean", "time_us_min", "time_us_p10", "time_us_p90",
+                "time_us_std"]
+
+# Columns every family has. `status` is ok | oom | error | skipped; non-ok rows keep NaN times.
+COMMON = [
+    ("hw", pa.string()), ("source", pa.string()), ("op", pa.string()), ("dtype", pa.string()),
+    ("backend", pa.string()), ("timer", pa.string()), ("l2_policy", pa.string()),
+    ("cuda_graph", pa.bool_()), ("threads", pa.int32()), ("status", pa.string()),
+    *[(c, pa.float64()) for c in STAT_COLUMNS], ("repeats", pa.int32()),
+]
+
+# Shape columns per family. `model`/`tp` say which model shard a shape came from ("" / 0 when generic).
+FAMILIES: dict[str, list[tuple[str, pa.DataType]]] = {
+    "gemm": [("model", pa.string()), ("tp", pa.int32()), ("m", pa.int64()), ("n", pa.int64()),
+             ("k", pa.int64())],
+    # norms, activations, rope, residual add, embedding; width = elements per token per GPU
+    "elementwise": [("model", pa.string()), ("tp", pa.int32()), ("num_tokens", pa.int64()),
+                    ("width", pa.int64()), ("num_heads", pa.int32()), ("num_kv_heads", pa.int32()),
+                    ("head_dim", pa.int32())],
+    # phase prefill|decode; per-GPU heads; q/kv token sums over the batch; block_size 0 = not paged
+    "attention": [("model", pa.string()), ("tp", pa.int32()), ("phase", pa.string()),
+                  ("batch_size", pa.int64()), ("num_q_tokens", pa.int64()), ("num_kv_tokens", pa.int64()),
+                  ("max_q_len", pa.int64()), ("max_kv_len", pa.int64()), ("q_kv_product_sum", pa.int64()),
+                  ("num_heads", pa.int32()), ("num_kv_heads", pa.int32()), ("head_dim", pa.int32()),
+                  ("block_size", pa.int32())],
+    # op all_reduce|send_recv; size_bytes = message size per rank
+    "collective": [("network", pa.string()), ("size_bytes", pa.int64()), ("world_size", pa.int32()),
+                   ("devices_per_node", pa.int32())],
+    # fused MoE layer: tokens routed through num_experts experts, top-k each
+    "moe": [("model", pa.string()), ("tp", pa.int32()), ("num_tokens", pa.int64()),
+            ("hidden_size", pa.int64()), ("ffn_size", pa.int64()), ("num_experts", pa.int32()),
+            ("top_k", pa.int32()), ("ep", pa.int32())],
+}
+
+
+class TableError(ValueError):
+    """A profile table that does not follow the contract; the message names what is wrong."""
+
+
+def schema(family: str) -> pa.Schema:
+    if family not in FAMILIES:
+        raise TableError(f"unknown operator family {family!r}; known: {', '.join(FAMILIES)}")
+    return pa.schema([pa.field(n, t) for n, t in COMMON + FAMILIES[family]])
+
+
+def identity_columns(family: str) -> list[str]:
+    """Columns that identify a measured point (for resume and de-duplication)."""
+    skip = set(STAT_COLUMNS) | {"repeats", "status"}
+    return [n for n, _ in COMMON + FAMILIES[family] if n not in skip]
+
+
+def to_arrow(df: pd.DataFrame, family: str, provenance: dict | None = None) -> pa.Table:
+    sch = schema(family)
+    missing = [f.name for f in sch if f.name not in df.columns]
+    if missing:
+        raise TableError(f"{family} table lacks columns: {', '.join(missing)}")
+    table = pa.Table.from_pandas(df[[f.name for f in sch]], schema=sch, preserve_index=False)
+    meta = {"schema_version": SCHEMA_VERSION, "family": family, **(provenance or {})}
+    return table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True, default=str)})
+
+
+def write(df: pd.DataFrame, path: str | Path, family: str, provenance: dict | None = None) -> Path:
+    """Write atomically (temp file + rename) so an interrupted run never leaves a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = to_arrow(df, family, provenance)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read(path: str | Path, family: str | None = None) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise TableError(f"no profile table at {path}")
+    family = family or path.stem
+    table = pq.read_table(path)
+    missing = [f.name for f in schema(family) if f.name not in table.column_names]
+    if missing:
+        raise TableError(f"{path}: not an opcast {family} table, lacks {', '.join(missing)}")
+    return table.to_pandas()
+
+
+def provenance(path: str | Path) -> dict:
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta.get(META_KEY, b"{}"))
+
+
+def read_dir(directory: str | Path, family: str) -> pd.DataFrame:
+    """The family's table in a profile directory (``data/profiles/<hw>``), or an empty frame."""
+    p = Path(directory) / f"{family}.parquet"
+    if not p.exists():
+        return schema(family).empty_table().to_pandas()
+    return read(p, family)

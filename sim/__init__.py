@@ -1,0 +1,1 @@
+"""Discrete-event simulator of LLM serving deployments; runs on CPU from the shipped data."""
