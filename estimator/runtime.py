@@ -132,3 +132,12 @@ class OpTimes:
                            max_q_len=[int(q.max())], max_kv_len=[int(kv.max())],
                            q_kv_product_sum=[pairs], num_heads=[self.nq], num_kv_heads=[self.nkv],
                            head_dim=[self.model.head_dim], block_size=[16])
+
+
+def load_op_times(hw: HwConf, model: ModelConf, tp: int, quantile: str = "p50",
+                  data_dir: str = "data", max_tokens: int = 16384) -> OpTimes:
+    """OpTimes for the simulator from the trained estimator of ``hw`` (data/estimators/<hw>).
+
+    Placeholder until the trained predictors land: uses the roofline prior.
+    """
+    return OpTimes(hw, model, tp, max_tokens=max_tokens)
