@@ -54,9 +54,35 @@ def attention_us(num_q_tokens, num_kv_tokens, q_kv_product_sum, num_heads, num_k
 
 
 def collective_us(size_bytes, world_size, hw: HwConf, op="all_reduce"):
+    # op may be one name or an array of names (one per row)
     """Ring all-reduce moves 2(n-1)/n of the buffer over each link; send/recv moves it once."""
     size = np.asarray(size_bytes, float)
     n = np.asarray(world_size, float)
-    factor = np.where(n > 1, 2 * (n - 1) / n, 0.0) if op == "all_reduce" else 1.0
+    is_allreduce = np.char.find(np.asarray(op, dtype=str), "all_reduce") >= 0  # incl. custom_all_reduce
+    factor = np.where(is_allreduce, np.where(n > 1, 2 * (n - 1) / np.maximum(n, 1), 0.0), 1.0)
     bw = max(hw.link_bw_gbps, 1e-3) * 1e3  # bytes per us
     return np.maximum(size * factor / bw, MIN_KERNEL_US)
+
+
+def moe_flops(num_tokens, hidden_size, ffn_size, top_k, tp=1, ep=1, gated=True):
+    """Each routed token runs one expert MLP (gate+up and down), sharded over tp and ep."""
+    mats = 3.0 if gated else 2.0
+    return (2.0 * mats * np.asarray(num_tokens, float) * np.asarray(top_k, float)
+            * np.asarray(hidden_size, float) * np.asarray(ffn_size, float)
+            / (np.asarray(tp, float) * np.asarray(ep, float)))
+
+
+def moe_bytes(num_tokens, hidden_size, ffn_size, num_experts, top_k, tp=1, ep=1, dtype_bytes=2, gated=True):
+    """Weights of the experts that receive at least one token (at most all local ones) + activations."""
+    mats = 3.0 if gated else 2.0
+    t = np.asarray(num_tokens, float)
+    local_experts = np.asarray(num_experts, float) / np.asarray(ep, float)
+    touched = np.minimum(local_experts, t * np.asarray(top_k, float))
+    weights = touched * mats * np.asarray(hidden_size, float) * np.asarray(ffn_size, float) / np.asarray(tp, float)
+    acts = 2.0 * t * np.asarray(top_k, float) * np.asarray(hidden_size, float)
+    return dtype_bytes * (weights + acts)
+
+
+def moe_us(num_tokens, hidden_size, ffn_size, num_experts, top_k, hw: HwConf, tp=1, ep=1, dtype_bytes=2):
+    return _roof(moe_flops(num_tokens, hidden_size, ffn_size, top_k, tp, ep),
+                 moe_bytes(num_tokens, hidden_size, ffn_size, num_experts, top_k, tp, ep, dtype_bytes), hw)

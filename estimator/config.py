@@ -1,0 +1,75 @@
+"""Structured configs of the estimator jobs (``conf/train.yaml``, ``conf/predict.yaml``).
+
+The dataclasses type-check the YAML at composition, so ``xgb.max_depht=4`` fails with one line.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from profiler.tables import FAMILIES
+
+
+@dataclass
+class XgbConf:
+    """Booster settings of the p50 model (squared error on log(measured / roofline))."""
+    num_rounds: int = 300
+    max_depth: int = 7
+    learning_rate: float = 0.1
+    min_child_weight: float = 1.0
+    reg_lambda: float = 1.0
+    max_bin: int = 256
+
+
+@dataclass
+class QuantileConf:
+    """p10/p90: a small quantile booster on cross-fitted residuals of the p50 model."""
+    folds: int = 3
+    num_rounds: int = 60
+    max_depth: int = 4
+    learning_rate: float = 0.2
+
+
+@dataclass
+class EvalConf:
+    kfold: int = 5
+    leave_one_model_out: bool = True
+    plot: bool = True
+
+
+@dataclass
+class TrainConf:
+    hw: Any = MISSING
+    data_dir: str = "data"
+    profiles_dir: str = ""          # default: <data_dir>/profiles/<hw>
+    out_dir: str = ""               # default: <data_dir>/estimators/<hw>
+    families: list[str] = field(default_factory=lambda: list(FAMILIES))
+    # Sources in order of preference for the simulator's queries (see estimator/README section).
+    prefer_sources: list[str] = field(default_factory=lambda: ["opcast", "vidur", "aiconfigurator"])
+    dtypes: list[str] = field(default_factory=lambda: ["float16", "bfloat16"])
+    max_rows: int = 0               # >0: deterministic subsample per family (tests, quick looks)
+    seed: int = 0
+    nthread: int = 2
+    evaluate: bool = True
+    xgb: XgbConf = field(default_factory=XgbConf)
+    quantile: QuantileConf = field(default_factory=QuantileConf)
+    eval: EvalConf = field(default_factory=EvalConf)
+
+
+@dataclass
+class PredictConf:
+    hw: Any = MISSING
+    data_dir: str = "data"
+    estimators_dir: str = ""        # default: <data_dir>/estimators/<hw>
+    family: str = ""                # default: guessed from the input file name or its columns
+
+
+def register() -> None:
+    from conf import register as register_shared
+    register_shared()
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConf)
+    cs.store(name="predict_schema", node=PredictConf)

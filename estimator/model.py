@@ -1,0 +1,191 @@
+"""One operator family's learned runtime predictor: fit, predict (p10/p50/p90), save, load.
+
+Target: y = log(measured µs / roofline µs). The p50 booster fits y with squared error (a
+relative-error objective on the time). p10/p90 come from a small quantile booster fitted on
+cross-fitted residuals of the p50 model, so the band covers held-out error, not only noise.
+Files: ``<family>.ubj`` (p50) and ``<family>.q.ubj`` (p10/p90) in XGBoost's UBJSON format and
+``<family>.json`` (features, vocabularies, trained range, data hash, versions, metrics). No pickle.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xgboost as xgb
+
+from conf.schema import HwConf
+from estimator import features as F
+
+log = logging.getLogger("estimator")
+QUANTILES = ("p10", "p50", "p90")
+FORMAT_VERSION = 1
+_warned: set[tuple] = set()
+
+
+def warn_once(key: tuple, msg: str) -> None:
+    """Log ``msg`` the first time ``key`` is seen in this process."""
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(msg)
+
+
+def _params(xc, seed: int, nthread: int) -> dict:
+    return dict(objective="reg:squarederror", tree_method="hist", max_depth=xc.max_depth,
+                eta=xc.learning_rate, min_child_weight=xc.min_child_weight, reg_lambda=xc.reg_lambda,
+                max_bin=xc.max_bin, seed=seed, nthread=nthread)
+
+
+def _fit_p50(x, y, xc, seed, nthread) -> xgb.Booster:
+    dm = xgb.QuantileDMatrix(x, y, max_bin=xc.max_bin, nthread=nthread)
+    return xgb.train(_params(xc, seed, nthread), dm, num_boost_round=xc.num_rounds)
+
+
+def _fit_band(x, resid, qc, seed, nthread) -> xgb.Booster:
+    params = dict(objective="reg:quantileerror", quantile_alpha=np.array([0.1, 0.9]), tree_method="hist",
+                  max_depth=qc.max_depth, eta=qc.learning_rate, seed=seed, nthread=nthread, max_bin=64)
+    dm = xgb.QuantileDMatrix(x, resid, max_bin=64, nthread=nthread)
+    return xgb.train(params, dm, num_boost_round=qc.num_rounds)
+
+
+def folds(n: int, k: int, seed: int) -> list[np.ndarray]:
+    """k disjoint test-index sets covering range(n), deterministic in seed."""
+    order = np.random.default_rng(seed).permutation(n)
+    return [np.sort(order[i::k]) for i in range(k)]
+
+
+def vocabulary(df: pd.DataFrame, family: str) -> dict[str, list[str]]:
+    return {c: sorted(df[c].astype(str).unique().tolist()) for c in F.CATEGORICAL[family] if c in df.columns}
+
+
+def serving_context(df: pd.DataFrame, prefer_sources) -> dict[str, str]:
+    """The (source, backend) a simulator query stands for: the first preferred source present,
+    and its most measured backend (ties broken by name, so the choice is deterministic)."""
+    present = df["source"].astype(str)
+    source = next((s for s in prefer_sources if (present == s).any()), None)
+    if source is None:
+        source = present.value_counts().sort_index().idxmax()
+    counts = df.loc[present == source, "backend"].astype(str).value_counts()
+    backend = sorted(counts[counts == counts.max()].index)[0]
+    return {"source": source, "backend": backend}
+
+
+class FamilyModel:
+    """Fitted boosters of one family plus the metadata needed to rebuild its features."""
+
+    def __init__(self, family: str, hw: HwConf, p50: xgb.Booster, band: xgb.Booster | None, meta: dict):
+        self.family, self.hw, self.p50, self.band, self.meta = family, hw, p50, band, meta
+
+    # --- fitting ----------------------------------------------------------------------
+    @classmethod
+    def fit(cls, df: pd.DataFrame, family: str, hw: HwConf, cfg, meta: dict | None = None) -> "FamilyModel":
+        """Fit on measured rows (status ok, a positive measured time) in profile-table columns."""
+        vocab = vocabulary(df, family)
+        x, names, prior = F.design(df, family, hw, vocab)
+        y = np.log(F.measured_us(df) / prior)
+        p50 = _fit_p50(x, y, cfg.xgb, cfg.seed, cfg.nthread)
+        band = None
+        if cfg.quantile.folds >= 2 and len(df) >= 4 * cfg.quantile.folds:
+            oof = np.empty_like(y)
+            for test in folds(len(y), cfg.quantile.folds, cfg.seed):
+                train = np.setdiff1d(np.arange(len(y)), test)
+                oof[test] = _fit_p50(x[train], y[train], cfg.xgb, cfg.seed, cfg.nthread).inplace_predict(x[test])
+            band = _fit_band(x, y - oof, cfg.quantile, cfg.seed, cfg.nthread)
+        shape_range = {c: [float(df[c].min()), float(df[c].max())] for c in F.SHAPE_COLUMNS[family]
+                       if c not in ("op", "phase")}
+        meta = dict(meta or {}, format_version=FORMAT_VERSION, family=family, features=names, vocab=vocab,
+                    shape_range=shape_range, num_rows=int(len(df)), hw=dataclasses.asdict(hw),
+                    target="log(measured_us / roofline_us), measured = time_us_median else time_us_mean", xgboost_version=xgb.__version__)
+        return cls(family, hw, p50, band, meta)
+
+    # --- prediction ---------------------------------------------------------------------
+    def predict(self, df: pd.DataFrame) -> pd.DataFrame:
+        """pred_time_us (= p50) and pred_time_us_{p10,p50,p90} for every query row."""
+        F.check_query(df, self.family)
+        df = self._with_context(df)
+        self._warn_out_of_range(df)
+        x, _, prior = F.design(df, self.family, self.hw, self.meta["vocab"])
+        mid = self.p50.inplace_predict(x).astype(float)
+        if self.band is not None:
+            lo_hi = self.band.inplace_predict(x).astype(float).reshape(len(df), 2)
+            lo, hi = mid + np.minimum(lo_hi[:, 0], 0.0), mid + np.maximum(lo_hi[:, 1], 0.0)
+        else:
+            lo = hi = mid
+        out = pd.DataFrame({"pred_time_us": prior * np.exp(mid)}, index=df.index)
+        for name, val in zip(QUANTILES, (lo, mid, hi)):
+            out[f"pred_time_us_{name}"] = prior * np.exp(val)
+        return out
+
+    def _with_context(self, df: pd.DataFrame) -> pd.DataFrame:
+        """Queries without source/backend stand for the serving context chosen at training."""
+        missing = {c: v for c, v in self.meta["serve"].items() if c not in df.columns}
+        if missing:
+            df = df.assign(**missing)
+        for c in F.CATEGORICAL[self.family]:
+            unknown = set(df[c].astype(str)) - set(self.meta["vocab"].get(c, []))
+            if unknown:
+                warn_once((self.family, c, tuple(sorted(unknown))),
+                          f"{self.family}: {c} value(s) {sorted(unknown)} were never trained on "
+                          f"(known: {self.meta['vocab'].get(c)}); predicting without that feature")
+        return df
+
+    def _warn_out_of_range(self, df: pd.DataFrame) -> None:
+        outside = []
+        for c, (lo, hi) in self.meta["shape_range"].items():
+            v = pd.to_numeric(df[c]).to_numpy(float)
+            if (v < lo).any() or (v > hi).any():
+                outside.append(f"{c} [{v.min():g}, {v.max():g}] vs trained [{lo:g}, {hi:g}]")
+        if outside:
+            warn_once((self.family, "range"), f"{self.family} ({self.hw.name}): queries outside the profiled "
+                      f"range, predictions there follow the roofline prior: {'; '.join(outside)}")
+
+    # --- files --------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> list[Path]:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        paths = [_atomic_bytes(d / f"{self.family}.ubj", bytes(self.p50.save_raw("ubj")))]
+        qpath = d / f"{self.family}.q.ubj"
+        if self.band is not None:
+            paths.append(_atomic_bytes(qpath, bytes(self.band.save_raw("ubj"))))
+        else:
+            qpath.unlink(missing_ok=True)
+        text = json.dumps(self.meta, indent=1, sort_keys=True, default=float)
+        paths.append(_atomic_bytes(d / f"{self.family}.json", text.encode()))
+        return paths
+
+    @classmethod
+    def load(cls, directory: str | Path, family: str) -> "FamilyModel":
+        d = Path(directory)
+        side = d / f"{family}.json"
+        if not side.is_file() or not (d / f"{family}.ubj").is_file():
+            raise EstimatorError(f"no trained {family} model in {d}; run python -m estimator.train")
+        meta = json.loads(side.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise EstimatorError(f"{side}: format_version {meta.get('format_version')} != {FORMAT_VERSION}; retrain")
+        p50 = xgb.Booster()
+        p50.load_model(bytearray((d / f"{family}.ubj").read_bytes()))
+        band = None
+        if (d / f"{family}.q.ubj").is_file():
+            band = xgb.Booster()
+            band.load_model(bytearray((d / f"{family}.q.ubj").read_bytes()))
+        for b in (p50, band):
+            if b is not None:
+                b.set_param({"nthread": 2})
+        return cls(family, HwConf(**meta["hw"]), p50, band, meta)
+
+
+def _atomic_bytes(path: Path, data: bytes) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

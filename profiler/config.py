@@ -1,0 +1,85 @@
+"""Structured config of the profile job (``conf/profile.yaml``'s ``profile:`` node).
+
+Empty grid lists mean "take them from the ``grid`` preset": ``small`` (tests, seconds),
+``cpu`` (a CPU host serving a small model), ``gpu`` (the full GPU grid), ``auto`` (cpu or gpu
+by ``hw.device``). An explicit list always wins over the preset.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+FAMILIES = ("gemm", "elementwise", "attention")
+ATTENTION_BACKENDS = ("auto", "flash_attn", "vllm", "sdpa")
+ELEMENTWISE_BACKENDS = ("auto", "torch", "vllm")
+GRIDS = ("auto", "small", "cpu", "gpu")
+
+
+def _steps(limit: int) -> list[int]:
+    """1, 2, 3, 4, 6, 8, 12, 16, ... (powers of two and their 1.5x) up to ``limit``."""
+    out, p = [1, 2, 3], 4
+    while p <= limit:
+        out += [p] + ([p * 3 // 2] if p * 3 // 2 <= limit else [])
+        p *= 2
+    return [x for x in out if x <= limit]
+
+
+# Each preset: tokens (GEMM m, elementwise tokens, prefill chunk sizes), kv lengths, decode and
+# prefill batch sizes. The GPU grid goes past Vidur's 4k: 16k tokens and 32k KV.
+PRESETS: dict[str, dict[str, list[int]]] = {
+    "small": {"tokens": [1, 16, 128], "kv_lens": [16, 256], "decode_batch_sizes": [1, 8],
+              "prefill_batch_sizes": [1]},
+    "cpu": {"tokens": _steps(4096), "kv_lens": [16, 64, 128, 256, 512, 1024, 2048, 3072, 4096],
+            "decode_batch_sizes": [1, 2, 4, 8, 16, 32, 48, 64], "prefill_batch_sizes": [1, 2, 4]},
+    "gpu": {"tokens": _steps(16384), "kv_lens": _steps(32768)[6:],
+            "decode_batch_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 256, 512],
+            "prefill_batch_sizes": [1, 2, 4, 8]},
+}
+
+
+@dataclass
+class ProfileConf:
+    tp: list[int] = field(default_factory=lambda: [1, 2, 4, 8])   # kept: those dividing the heads
+    pp: list[int] = field(default_factory=lambda: [1])             # only changes send/recv placement
+    families: list[str] = field(default_factory=lambda: list(FAMILIES))
+    grid: str = "auto"
+    tokens: list[int] = field(default_factory=list)
+    kv_lens: list[int] = field(default_factory=list)
+    decode_batch_sizes: list[int] = field(default_factory=list)
+    prefill_batch_sizes: list[int] = field(default_factory=list)
+    max_tokens_per_batch: int = 0     # prefill batch * chunk cap (0 = max of tokens)
+    dtype: str = ""                   # "" = the model's dtype
+    block_size: int = 16              # paged-KV block size for the paged backends
+    attention_backend: str = "auto"
+    elementwise_backend: str = "auto"
+    warmup: int = 3
+    repeats: int = 20
+    min_repeats: int = 3              # a point stops early after max_seconds_per_point ...
+    max_seconds_per_point: float = 2.0  # ... once it has min_repeats samples
+    l2_flush: bool = True             # GPU only; CPU rows are always l2_policy=hot
+    cuda_graph: bool = False
+    max_points: int = 0               # stop after this many new measurements (0 = all)
+    flush_every_points: int = 50
+    flush_every_s: float = 30.0
+    seed: int = 0
+    progress: bool = True
+    # collectives (python -m profiler.collectives / torchrun)
+    world_size: int = 2
+    collective_ops: list[str] = field(default_factory=lambda: ["all_reduce", "send_recv"])
+    collective_sizes_bytes: list[int] = field(default_factory=list)   # empty: tokens x hidden bytes
+    collective_backend: str = "auto"  # auto | gloo | nccl
+
+
+def register() -> None:
+    """Register the ``profile`` schema; ``conf/profile.yaml`` names it in its defaults."""
+    from conf import register as register_shared
+    register_shared()
+    ConfigStore.instance().store(group="profile", name="profile_schema", node=ProfileConf)
+
+
+def compose(overrides=()):
+    """The composed profile job config, as ``python -m profiler.run <overrides>`` would see it."""
+    import conf
+    register()
+    return conf.compose("profile", overrides)

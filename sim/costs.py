@@ -1,0 +1,115 @@
+"""Batch execution time from the estimator's operator times (``estimator.runtime.OpTimes``).
+
+One iteration on one pipeline stage takes
+``layers_on_stage * (token ops + TP all-reduces + attention)`` + the PP send of its hidden
+states (all but the last stage) + the LM head (last stage) + the CPU overhead (first stage:
+``per_iteration_us + per_sequence_us * sequences``).
+
+Attention depends on every sequence's lengths, so asking the estimator per batch would cost
+milliseconds. Instead its answers are memoised on a grid (exact below 8, then 4 points per
+octave) and interpolated bilinearly: decode attention by (batch size, mean KV length) as Vidur
+does, prefill attention per chunk by (chunk tokens, KV length incl. the chunk). The memo hangs
+off the OpTimes object, so repeated simulations with one OpTimes (the search) stay warm.
+"""
+from __future__ import annotations
+
+import weakref
+
+from conf.schema import ModelConf
+
+_MEMOS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _cell(x: float) -> tuple[int, int, float]:
+    """Grid cell (lo, hi, fraction) around x >= 1."""
+    xi = int(x)
+    if xi < 8:
+        return xi, xi + 1, x - xi
+    step = 1 << (xi.bit_length() - 3)
+    lo = xi - (xi & (step - 1))
+    return lo, lo + step, (x - lo) / step
+
+
+def stage_layers(num_layers: int, pp: int) -> list[int]:
+    """Layers per pipeline stage; the first ``num_layers % pp`` stages take one more."""
+    base, extra = divmod(num_layers, pp)
+    return [base + (1 if s < extra else 0) for s in range(pp)]
+
+
+class BatchCost:
+    """Stage times (µs) of batches of one replica, from one OpTimes."""
+
+    def __init__(self, op_times, model: ModelConf, pp: int, cpu_per_iteration_us: float,
+                 cpu_per_sequence_us: float):
+        self.op = op_times
+        self.pp = pp
+        self.layers = stage_layers(model.num_layers, pp)
+        self.cpu_iter_us, self.cpu_seq_us = cpu_per_iteration_us, cpu_per_sequence_us
+        memo = _MEMOS.setdefault(op_times, ({}, {}))
+        self._dec_memo, self._pre_memo = memo
+        self._dec_const: dict[int, float] = {}
+
+    # --- attention on the memo grid -------------------------------------------------
+    def _dec_point(self, b: int, kv: int) -> float:
+        v = self._dec_memo.get((b, kv))
+        if v is None:
+            v = self._dec_memo[(b, kv)] = self.op.layer_attention_us((), (), [kv] * b)
+        return v
+
+    def decode_attention_us(self, num_decodes: int, kv_sum: int) -> float:
+        """One layer's decode attention over num_decodes sequences holding kv_sum KV tokens."""
+        b0, b1, fb = _cell(num_decodes)
+        k0, k1, fk = _cell(kv_sum / num_decodes)
+        p = self._dec_point
+        lo = p(b0, k0) + (p(b0, k1) - p(b0, k0)) * fk
+        if fb == 0.0:
+            return lo
+        hi = p(b1, k0) + (p(b1, k1) - p(b1, k0)) * fk
+        return lo + (hi - lo) * fb
+
+    def _pre_point(self, q: int, kv: int) -> float:
+        kv = max(kv, q)
+        v = self._pre_memo.get((q, kv))
+        if v is None:
+            v = self._pre_memo[(q, kv)] = self.op.layer_attention_us([q], [kv], ())
+        return v
+
+    def prefill_attention_us(self, q: int, kv: int) -> float:
+        """One layer's attention of a prefill chunk of q tokens whose KV (incl. the chunk) is kv."""
+        q0, q1, fq = _cell(q)
+        k0, k1, fk = _cell(kv)
+        p = self._pre_point
+        lo = p(q0, k0) + (p(q0, k1) - p(q0, k0)) * fk
+        if fq == 0.0:
+            return lo
+        hi = p(q1, k0) + (p(q1, k1) - p(q1, k0)) * fk
+        return lo + (hi - lo) * fq
+
+    # --- whole batches --------------------------------------------------------------------
+    def decode_us(self, num_decodes: int, kv_sum: int) -> float:
+        """Time of a decode-only iteration at pp=1 (the hot path; also used by fast-forward)."""
+        const = self._dec_const.get(num_decodes)
+        if const is None:
+            op, n, L = self.op, num_decodes, self.layers[0]
+            const = self._dec_const[n] = (L * (op.layer_token_ops_us(n) + op.layer_allreduce_us(n))
+                                          + op.lm_head_us(n) + self.cpu_iter_us + self.cpu_seq_us * n)
+        return const + self.layers[0] * self.decode_attention_us(num_decodes, kv_sum)
+
+    def stage_us(self, num_tokens: int, prefills: list[tuple[int, int]], num_decodes: int,
+                 decode_kv_sum: int, num_sampled: int) -> list[float]:
+        """Per-stage times of a batch: prefills as (chunk tokens, KV incl. chunk) pairs."""
+        op = self.op
+        attn = sum(self.prefill_attention_us(q, kv) for q, kv in prefills)
+        if num_decodes:
+            attn += self.decode_attention_us(num_decodes, decode_kv_sum)
+        per_layer = op.layer_token_ops_us(num_tokens) + op.layer_allreduce_us(num_tokens) + attn
+        seqs = len(prefills) + num_decodes
+        last = self.pp - 1
+        out = []
+        for s, layers in enumerate(self.layers):
+            t = layers * per_layer
+            t += op.lm_head_us(num_sampled) if s == last else op.send_recv_us(num_tokens)
+            if s == 0:
+                t += self.cpu_iter_us + self.cpu_seq_us * seqs
+            out.append(t)
+        return out

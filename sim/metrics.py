@@ -1,0 +1,155 @@
+"""Streaming metric accumulation: exact per-request columns when kept, fixed-size log
+histograms always (so a million-request run summarises in bounded memory).
+
+Per request (vLLM's names): ttft_s (arrival -> first token), tpot_s ((e2e - ttft) / (output
+tokens - 1)), e2e_s, norm_e2e_s (e2e / output tokens), sched_delay_s (arrival -> first
+scheduled). Per token: itl_s, the gap between consecutive output tokens of one request
+(TBT). Stats: mean, p50, p90, p99; means are exact, percentiles are exact when requests are
+kept and within 1.2 % (histogram bin width) otherwise.
+"""
+from __future__ import annotations
+
+import math
+from array import array
+
+import numpy as np
+
+REQUEST_METRICS = ("ttft_s", "tpot_s", "itl_s", "e2e_s", "norm_e2e_s", "sched_delay_s")
+STATS = ("mean", "p50", "p90", "p99")
+COLUMNS = ("request_id", "replica", "arrived_at_s", "num_prefill_tokens", "num_decode_tokens",
+           "first_scheduled_s", "first_token_s", "completed_at_s", "num_preemptions")
+
+
+class LogHistogram:
+    """Weighted histogram of positive values on log-spaced bins (200 per decade, 1e-7..1e7 s)."""
+
+    BINS_PER_DECADE = 200
+    LO = -7.0
+
+    def __init__(self):
+        self.counts = np.zeros(int(14 * self.BINS_PER_DECADE) + 2)
+        self.count = 0.0
+        self.total = 0.0
+        self.min = math.inf
+        self.max = -math.inf
+        self._pending: dict[int, float] = {}
+
+    def add(self, x: float, weight: float = 1.0) -> None:
+        if x != x:  # NaN: not defined for this request (e.g. TPOT of one-token outputs)
+            return
+        i = int((math.log10(x) - self.LO) * self.BINS_PER_DECADE) + 1 if x > 1e-7 else 0
+        p = self._pending
+        p[i] = p.get(i, 0.0) + weight
+        self.count += weight
+        self.total += x * weight
+        if x < self.min:
+            self.min = x
+        if x > self.max:
+            self.max = x
+        if len(p) > 4096:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            idx = np.fromiter(self._pending.keys(), dtype=np.int64)
+            w = np.fromiter(self._pending.values(), dtype=np.float64)
+            np.add.at(self.counts, np.clip(idx, 0, len(self.counts) - 1), w)
+            self._pending.clear()
+
+    def mean(self) -> float:
+        return self.total / self.count if self.count else math.nan
+
+    def quantile(self, q: float) -> float:
+        self._flush()
+        if not self.count:
+            return math.nan
+        cum = np.cumsum(self.counts)
+        i = int(np.searchsorted(cum, q * self.count, side="left"))
+        mid = 10 ** ((i - 0.5) / self.BINS_PER_DECADE + self.LO) if i > 0 else 0.0
+        return float(min(max(mid, self.min), self.max))
+
+
+class Metrics:
+    """Collects completed requests and per-iteration figures of one simulation."""
+
+    def __init__(self, keep_requests: bool):
+        self.keep = keep_requests
+        self.cols = {c: array("d") for c in COLUMNS} if keep_requests else None
+        self.hist = {m: LogHistogram() for m in REQUEST_METRICS}
+        self.num_requests = 0
+        self.num_preemptions = 0
+        self.output_tokens = 0
+        self.prompt_tokens = 0
+        self.first_arrival_s = math.inf
+        self.last_completion_s = 0.0
+        # per-iteration sums (for means, MFU/MBU)
+        self.iterations = 0
+        self.batch_size_sum = 0
+        self.tokens = 0
+        self.sampled = 0
+        self.attn_pairs = 0
+        self.kv_read_tokens = 0
+
+    def add_itl(self, gap_s: float, weight: float = 1.0) -> None:
+        self.hist["itl_s"].add(gap_s, weight)
+
+    def complete(self, r, now: float) -> None:
+        self.num_requests += 1
+        self.num_preemptions += r.preemptions
+        self.output_tokens += r.output
+        self.prompt_tokens += r.prompt
+        self.last_completion_s = max(self.last_completion_s, now)
+        self.first_arrival_s = min(self.first_arrival_s, r.arrival_s)
+        e2e = now - r.arrival_s
+        ttft = r.first_token_s - r.arrival_s
+        h = self.hist
+        h["ttft_s"].add(ttft)
+        h["e2e_s"].add(e2e)
+        h["norm_e2e_s"].add(e2e / r.output)
+        h["sched_delay_s"].add(r.first_sched_s - r.arrival_s)
+        if r.output > 1:
+            h["tpot_s"].add((now - r.first_token_s) / (r.output - 1))
+        if self.keep:
+            c = self.cols
+            for name, v in (("request_id", r.id), ("replica", r.replica), ("arrived_at_s", r.arrival_s),
+                            ("num_prefill_tokens", r.prompt), ("num_decode_tokens", r.output),
+                            ("first_scheduled_s", r.first_sched_s), ("first_token_s", r.first_token_s),
+                            ("completed_at_s", now), ("num_preemptions", r.preemptions)):
+                c[name].append(v)
+
+    def requests_frame(self):
+        """Per-request DataFrame sorted by request id (None when requests are not kept)."""
+        if not self.keep:
+            return None
+        import pandas as pd
+        df = pd.DataFrame({c: np.frombuffer(self.cols[c], dtype=np.float64) for c in COLUMNS})
+        for c in ("request_id", "replica", "num_prefill_tokens", "num_decode_tokens", "num_preemptions"):
+            df[c] = df[c].astype(np.int64)
+        df["ttft_s"] = df.first_token_s - df.arrived_at_s
+        df["e2e_s"] = df.completed_at_s - df.arrived_at_s
+        df["tpot_s"] = np.where(df.num_decode_tokens > 1, (df.completed_at_s - df.first_token_s)
+                                / (df.num_decode_tokens - 1).clip(lower=1), np.nan)
+        df["norm_e2e_s"] = df.e2e_s / df.num_decode_tokens
+        df["sched_delay_s"] = df.first_scheduled_s - df.arrived_at_s
+        return df.sort_values("request_id", kind="stable").reset_index(drop=True)
+
+    def summary(self, requests=None) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for m in REQUEST_METRICS:
+            h = self.hist[m]
+            if requests is not None and m in requests:
+                v = requests[m].dropna().to_numpy()
+                vals = [float(v.mean()) if len(v) else math.nan] + \
+                       [float(np.percentile(v, p)) if len(v) else math.nan for p in (50, 90, 99)]
+            else:
+                vals = [h.mean(), h.quantile(0.5), h.quantile(0.9), h.quantile(0.99)]
+            out.update({f"{m}_{s}": float(v) for s, v in zip(STATS, vals)})
+        sim_time = max(self.last_completion_s - min(self.first_arrival_s, self.last_completion_s), 0.0)
+        out["num_requests"] = float(self.num_requests)
+        out["num_preemptions"] = float(self.num_preemptions)
+        out["sim_time_s"] = float(self.last_completion_s)
+        out["throughput_rps"] = self.num_requests / sim_time if sim_time > 0 else math.nan
+        out["throughput_tok_s"] = self.output_tokens / sim_time if sim_time > 0 else math.nan
+        out["batch_size_mean"] = self.batch_size_sum / self.iterations if self.iterations else math.nan
+        out["num_iterations"] = float(self.iterations)
+        return out

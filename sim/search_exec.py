@@ -1,0 +1,173 @@
+"""Where the capacity searches run: in this process, a local process pool (default), or Ray.
+
+One task is one deployment candidate: its saturation probes, bracketing and bisection over
+all seeds (later seeds start from earlier seeds' answers, so they stay in one task). Every
+executor is a generator of TaskResults in completion order, so the caller can write the
+points file and move the progress bar as results arrive. Workers keep the simulator's
+operator tables per (hw, model, tp) in a module-level cache: loaded once per process.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from omegaconf import OmegaConf
+
+from conf import ConfigError
+from sim.capacity import SeedCapacity, capacity_over_seeds
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SimulateFn = Callable[[object], dict]       # composed sim cfg -> summary dict
+
+
+@dataclass
+class Task:
+    index: int
+    config_hash: str
+    sim_cfg: dict                    # plain container of the candidate's sim config
+    seeds: list
+    limits: dict                     # summary key -> limit (s)
+    params: dict                     # keyword arguments of capacity_over_seeds
+    qps_key: str                     # dotted config keys the search sets per probe
+    seed_key: str
+    cached: dict = field(default_factory=dict)   # (qps, seed) -> summary, from an earlier run
+
+
+@dataclass
+class TaskResult:
+    index: int
+    config_hash: str
+    seeds: list = field(default_factory=list)    # SeedCapacity per seed
+    points: list = field(default_factory=list)   # new probes: {"qps", "seed", **summary}
+    reused: int = 0                              # probes answered from the points file
+    error: str = ""                              # ConfigError text: the candidate cannot run
+
+
+def _plain(value):
+    """Summary values as plain floats/ints so they pickle small and land in parquet cleanly."""
+    if hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def run_task(task: Task, simulate_fn: SimulateFn) -> TaskResult:
+    result = TaskResult(task.index, task.config_hash)
+    base = OmegaConf.create(task.sim_cfg)
+
+    def simulate_at(qps: float, seed: int) -> dict:
+        key = (float(qps), int(seed))
+        if key in task.cached:
+            result.reused += 1
+            return task.cached[key]
+        cfg = base.copy()
+        OmegaConf.update(cfg, task.qps_key, float(qps), force_add=True)
+        OmegaConf.update(cfg, task.seed_key, int(seed), force_add=True)
+        summary = {k: _plain(v) for k, v in dict(simulate_fn(cfg)).items()}
+        task.cached[key] = summary
+        result.points.append({"qps": float(qps), "seed": int(seed), **summary})
+        return summary
+
+    try:
+        result.seeds = capacity_over_seeds(simulate_at, task.limits, task.seeds, **task.params)
+    except ConfigError as exc:
+        result.error = str(exc)
+    return result
+
+
+# --- the real simulator, with operator tables cached per worker process --------------------
+_OP_TIMES: dict = {}
+
+
+def simulate_summary(cfg) -> dict:
+    """Run the opcast simulator on a composed sim config; OpTimes are loaded once per process."""
+    import sim
+    from sim.search_sim import op_times_key, load_op_times_for
+    key = op_times_key(cfg)
+    if key not in _OP_TIMES:
+        _OP_TIMES[key] = load_op_times_for(cfg)
+    return dict(sim.simulate(cfg, op_times=_OP_TIMES[key]).summary)
+
+
+# --- executors ------------------------------------------------------------------------------
+def run_serial(tasks: Iterable[Task], simulate_fn: SimulateFn, workers: int = 1,
+               address: str | None = None) -> Iterator[TaskResult]:
+    for task in tasks:
+        yield run_task(task, simulate_fn)
+
+
+_WORKER_SIMULATE: SimulateFn | None = None
+
+
+def _init_worker(simulate_fn: SimulateFn) -> None:
+    global _WORKER_SIMULATE
+    _WORKER_SIMULATE = simulate_fn
+
+
+def _pool_task(task: Task) -> TaskResult:
+    return run_task(task, _WORKER_SIMULATE)
+
+
+def run_pool(tasks: Iterable[Task], simulate_fn: SimulateFn, workers: int = 2,
+             address: str | None = None) -> Iterator[TaskResult]:
+    pool = ProcessPoolExecutor(max_workers=max(1, workers), initializer=_init_worker,
+                               initargs=(simulate_fn,))
+    futures = [pool.submit(_pool_task, task) for task in tasks]
+    try:
+        for future in as_completed(futures):
+            yield future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _ray_task(task: Task, simulate_fn: SimulateFn) -> TaskResult:
+    return run_task(task, simulate_fn)
+
+
+def run_ray(tasks: Iterable[Task], simulate_fn: SimulateFn, workers: int = 2,
+            address: str | None = None) -> Iterator[TaskResult]:
+    """The same tasks as Ray remote calls; ``address`` joins a cluster, None starts a local one.
+
+    A cluster's nodes need opcast installed (``pip install 'opcast[ray]'``); a local instance
+    gets this checkout on its workers' PYTHONPATH.
+    """
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("search.executor=ray needs Ray, which is not installed; "
+                          "pip install 'opcast[ray]' or use search.executor=process") from None
+    started = not ray.is_initialized()
+    if started:
+        kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+            ray.init(num_cpus=max(1, workers), runtime_env={"env_vars": {"PYTHONPATH": path}},
+                     **kwargs)
+    remote = ray.remote(num_cpus=1)(_ray_task)
+    pending = [remote.remote(task, simulate_fn) for task in tasks]
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(done[0])
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        if started:
+            ray.shutdown()
+
+
+EXECUTORS = {"process": run_pool, "serial": run_serial, "ray": run_ray}
+
+
+def executor(name: str):
+    if name not in EXECUTORS:
+        raise ConfigError(f"search.executor={name!r}: choose one of {', '.join(EXECUTORS)}")
+    return EXECUTORS[name]
+
+
+__all__ = ["EXECUTORS", "SeedCapacity", "Task", "TaskResult", "executor", "run_task",
+           "simulate_summary"]

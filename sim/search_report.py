@@ -1,0 +1,150 @@
+"""The search's answers: ranked table, best config, "no config meets the SLO", Pareto plot.
+
+Cost is what the whole GPU budget costs per hour; requests per dollar is the sustainable
+QPS times 3600 over that cost.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from sim.capacity import mean_ci95, violation
+
+# Latency columns always reported at capacity (besides the SLO's own and the Pareto metric).
+REPORTED_METRICS = ("ttft_s_p90", "itl_s_p99", "tpot_s_p50", "e2e_s_p90")
+STATUS_ORDER = {"ok": 0, "no_qps_meets_slo": 1, "skipped": 2}
+
+
+def rank(candidates: list, skipped: list, results: dict, cache: dict, limits: dict,
+         prices: dict, metrics: tuple) -> pd.DataFrame:
+    """One row per candidate, best requests-per-dollar first.
+
+    candidates: [(Candidate, config_hash)]; results: config_hash -> TaskResult;
+    cache: config_hash -> {(qps, seed): summary}; prices: hw -> USD per GPU-hour.
+    """
+    rows = []
+    for cand, key in candidates:
+        res = results.get(key)
+        if res is None:
+            continue
+        cost = cand.gpus * prices[cand.hw]
+        row = dict(cand.columns(), price_usd_per_gpu_hour=prices[cand.hw], cost_usd_per_hour=cost,
+                   config_hash=key)
+        if res.error:
+            rows.append(dict(row, status="skipped", reason=res.error))
+            continue
+        caps = [s.capacity_qps for s in res.seeds]
+        mean, low, high = mean_ci95(caps)
+        met = [s for s in res.seeds if s.capacity_qps > 0]
+        row.update(status="ok" if met else "no_qps_meets_slo", reason="" if met else
+                   f"no probed QPS (down to {min(s.hi_qps for s in res.seeds):.4g}) met the SLO",
+                   capacity_qps_mean=mean, capacity_qps_ci95_low=max(low, 0.0),
+                   capacity_qps_ci95_high=high, capacity_qps_seeds=json.dumps(caps),
+                   saturation_qps_mean=float(np.mean([s.saturation_qps for s in res.seeds])),
+                   requests_per_usd=mean * 3600 / cost,
+                   requests_per_usd_ci95_low=max(low, 0.0) * 3600 / cost,
+                   requests_per_usd_ci95_high=high * 3600 / cost,
+                   slo_worst_ratio=min(s.min_violation for s in res.seeds),
+                   num_probes=sum(s.num_probes for s in res.seeds),
+                   capacity_status=",".join(sorted({s.status for s in res.seeds})))
+        points = cache.get(key, {})
+        if met:   # latency at each seed's capacity probe, averaged over seeds
+            at = [points[(s.capacity_qps, s.seed)] for s in met]
+        else:     # the probe that came closest to the SLO
+            best = min(res.seeds, key=lambda s: s.min_violation)
+            qps = min(best.probes, key=lambda p: p[1])[0]
+            at = [points[(qps, best.seed)]]
+            row["closest_qps"] = qps
+        for metric in dict.fromkeys((*limits, *metrics, *REPORTED_METRICS)):
+            row[f"{metric}_at_capacity"] = float(np.mean([p.get(metric, math.nan) for p in at]))
+        rows.append(row)
+    for skip in skipped:
+        rows.append(dict(skip.candidate.columns(), status="skipped", reason=skip.reason,
+                         price_usd_per_gpu_hour=prices.get(skip.candidate.hw, math.nan),
+                         cost_usd_per_hour=skip.candidate.gpus * prices.get(skip.candidate.hw,
+                                                                            math.nan)))
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    for col in ("requests_per_usd", "slo_worst_ratio", "capacity_qps_mean"):
+        if col not in df:
+            df[col] = math.nan
+    df["_order"] = df["status"].map(STATUS_ORDER)
+    df["_score"] = np.where(df["status"] == "ok", -df["requests_per_usd"], df["slo_worst_ratio"])
+    df = df.sort_values(["_order", "_score", "config"], kind="stable").drop(columns=["_order",
+                                                                                     "_score"])
+    df.insert(0, "rank", range(1, len(df) + 1))
+    return df.reset_index(drop=True)
+
+
+def pareto_front(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Mask of points not dominated in (lower x, higher y)."""
+    order = np.lexsort((-y, x))
+    mask = np.zeros(len(x), dtype=bool)
+    best_y = -math.inf
+    for i in order:
+        if y[i] > best_y:
+            mask[i], best_y = True, y[i]
+    return mask
+
+
+def plot_pareto(ranked: pd.DataFrame, latency_metric: str, path: Path, title: str) -> int:
+    """Scatter of requests per dollar vs latency at capacity, front highlighted; returns #front."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = ranked[ranked["status"] == "ok"] if "status" in ranked else ranked.iloc[:0]
+    col = f"{latency_metric}_at_capacity"
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    front = np.zeros(0, dtype=bool)
+    if len(ok) and col in ok:
+        x, y = ok[col].to_numpy(float), ok["requests_per_usd"].to_numpy(float)
+        front = pareto_front(x, y)
+        for hw, group in ok.groupby("hw"):
+            ax.scatter(group[col], group["requests_per_usd"], label=hw, alpha=0.6, s=22)
+        order = np.argsort(x[front])
+        ax.plot(x[front][order], y[front][order], "k--", lw=1, label="Pareto front")
+        for label, xi, yi in zip(ok["config"].to_numpy()[front], x[front], y[front]):
+            ax.annotate(label, (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no config meets the SLO", ha="center", transform=ax.transAxes)
+    ax.set_xlabel(f"{latency_metric} at capacity (s)")
+    ax.set_ylabel("requests per USD (capacity QPS x 3600 / cost per hour)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return int(front.sum())
+
+
+def describe(ranked: pd.DataFrame, limits: dict, closest: int = 5) -> str:
+    """The best config, or a clear "no config meets the SLO" with the closest candidates."""
+    slo = ", ".join(f"{k} <= {v:g} s" for k, v in limits.items())
+    ok = ranked[ranked["status"] == "ok"] if len(ranked) else ranked
+    if len(ok):
+        b = ok.iloc[0]
+        return (f"best config: {b['config']}  capacity {b['capacity_qps_mean']:.3g} QPS "
+                f"(95% CI {b['capacity_qps_ci95_low']:.3g}-{b['capacity_qps_ci95_high']:.3g}), "
+                f"{b['requests_per_usd']:.4g} requests/USD at {b['cost_usd_per_hour']:.4g} USD/h "
+                f"[SLO: {slo}]")
+    lines = [f"no config meets the SLO ({slo}); closest:"]
+    near = ranked[ranked["status"] == "no_qps_meets_slo"].head(closest) if len(ranked) else ranked
+    for _, r in near.iterrows():
+        values = ", ".join(f"{k}={r.get(f'{k}_at_capacity', math.nan):.3g}s" for k in limits)
+        lines.append(f"  {r['config']}: worst latency/limit {r['slo_worst_ratio']:.2f} at "
+                     f"{r['closest_qps']:.3g} QPS ({values})")
+    if not len(near):
+        lines.append("  (none ran: every candidate was skipped; see the reasons in ranked.csv)")
+    return "\n".join(lines)
+
+
+__all__ = ["describe", "pareto_front", "plot_pareto", "rank", "violation"]

@@ -1,0 +1,166 @@
+"""The deployment configurations a search visits, built from the ``search`` node of conf/search.yaml.
+
+A candidate is one hardware SKU, one (tp, pp) split with as many replicas as the GPU budget
+holds, and one scheduler with one value per knob. Splits that cannot run are recorded with
+the reason (budget not divisible, heads not divisible by tp, model does not fit in memory)
+instead of silently dropped.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+
+from omegaconf import DictConfig, OmegaConf
+
+from conf import ConfigError, choices, compose
+
+# Keys of the search's composed config that are not part of one simulation.
+SEARCH_ONLY_KEYS = ("search", "slo")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    hw: str
+    tp: int
+    pp: int
+    replicas: int
+    scheduler: str
+    knobs: tuple = ()          # ((knob name, value), ...) in config order
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.replicas
+
+    @property
+    def label(self) -> str:
+        knobs = " ".join(f"{k}={v}" for k, v in self.knobs)
+        return f"{self.hw} tp{self.tp} pp{self.pp} x{self.replicas} {self.scheduler} {knobs}".strip()
+
+    def columns(self) -> dict:
+        return dict(config=self.label, hw=self.hw, tp=self.tp, pp=self.pp, replicas=self.replicas,
+                    gpus=self.gpus, scheduler=self.scheduler,
+                    knobs=json.dumps(dict(self.knobs), sort_keys=True))
+
+
+@dataclass
+class Skipped:
+    candidate: Candidate
+    reason: str
+
+
+def _as_list(value, name: str) -> list:
+    if isinstance(value, (int, float, str)):
+        return [value]
+    if value is None or len(value) == 0:
+        raise ConfigError(f"search.{name} is empty; give at least one value")
+    return list(value)
+
+
+def knob_grid(knob_lists: dict) -> list[tuple]:
+    """Every combination of knob values: {"a": [1, 2], "b": [3]} -> [(("a", 1), ("b", 3)), ...]."""
+    names = list(knob_lists)
+    values = [_as_list(knob_lists[n], f"knobs.*.{n}") for n in names]
+    return [tuple(zip(names, combo)) for combo in itertools.product(*values)]
+
+
+def group_nodes(cfg: DictConfig, group: str, names: list[str]) -> dict[str, DictConfig]:
+    """The composed node of each named option of a group (hw, scheduler).
+
+    The option the search config itself selected keeps the user's command-line overrides
+    (e.g. ``hw.price_per_gpu_hour_usd=2``); other options are composed fresh.
+    """
+    known = choices(group)
+    nodes = {}
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"search: unknown {group} {name!r}; choose from {', '.join(known)}")
+        if cfg[group].get("name") == name:
+            nodes[name] = cfg[group]
+        else:
+            nodes[name] = compose("sim", [f"{group}={name}"])[group]
+    return nodes
+
+
+def sim_config(cfg: DictConfig, hw_node: DictConfig, sched_node: DictConfig,
+               cand: Candidate) -> DictConfig:
+    """The simulator's config for one candidate: the search config minus its own keys."""
+    data = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
+            if k not in SEARCH_ONLY_KEYS}
+    data["hw"] = OmegaConf.to_container(hw_node, resolve=True)
+    sched = OmegaConf.to_container(sched_node, resolve=True)
+    for knob, value in cand.knobs:
+        if knob not in sched:
+            raise ConfigError(f"search.knobs.{cand.scheduler}.{knob}: scheduler "
+                              f"{cand.scheduler!r} has no knob {knob!r}; its knobs: {sorted(sched)}")
+        sched[knob] = value
+    data["scheduler"] = sched
+    data["parallel"] = {**data.get("parallel", {}), "tp": cand.tp, "pp": cand.pp,
+                        "replicas": cand.replicas}
+    return OmegaConf.create(data)
+
+
+def config_hash(sim_cfg: DictConfig | dict, volatile_keys=()) -> str:
+    """Stable 16-hex-digit identity of a simulation config, ignoring per-probe keys (seed, qps)."""
+    data = OmegaConf.to_container(sim_cfg, resolve=True) if isinstance(sim_cfg, DictConfig) \
+        else json.loads(json.dumps(sim_cfg))
+    for dotted in volatile_keys:
+        *path, last = dotted.split(".")
+        parent = data
+        for part in path:
+            parent = parent.get(part) if isinstance(parent, dict) else None
+        if isinstance(parent, dict):
+            parent.pop(last, None)
+    text = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def parallel_splits(space, budget: int) -> list[tuple[int, int, int, str]]:
+    """(tp, pp, replicas, reason) for every tp x pp; reason is empty when the budget divides."""
+    out = []
+    for tp, pp in itertools.product(_as_list(space.tp, "tp"), _as_list(space.pp, "pp")):
+        tp, pp = int(tp), int(pp)
+        if tp < 1 or pp < 1:
+            raise ConfigError(f"search: tp and pp must be >= 1, got tp={tp} pp={pp}")
+        per_replica = tp * pp
+        reason = "" if budget % per_replica == 0 else \
+            f"tp*pp={per_replica} does not divide the {budget}-GPU budget"
+        out.append((tp, pp, budget // per_replica if not reason else 0, reason))
+    return out
+
+
+def enumerate_space(cfg: DictConfig, fits=None) -> tuple[list[tuple[Candidate, DictConfig]],
+                                                        list[Skipped]]:
+    """All candidates of ``cfg.search`` with their sim configs, and those skipped with why.
+
+    ``fits(sim_cfg)`` raises ConfigError when a candidate cannot run (memory, shapes).
+    """
+    space = cfg.search
+    budget = int(space.gpu_budget)
+    if budget < 1:
+        raise ConfigError(f"search.gpu_budget={budget}: must be at least 1 GPU")
+    hw_nodes = group_nodes(cfg, "hw", [str(h) for h in _as_list(space.hw, "hw")])
+    schedulers = [str(s) for s in _as_list(space.schedulers, "schedulers")]
+    sched_nodes = group_nodes(cfg, "scheduler", schedulers)
+    knobs = OmegaConf.to_container(space.get("knobs") or {}, resolve=True)
+    runnable, skipped = [], []
+    for hw in hw_nodes:
+        for tp, pp, replicas, reason in parallel_splits(space, budget):
+            for sched in schedulers:
+                for knob_values in knob_grid(knobs.get(sched) or {}):
+                    cand = Candidate(hw, tp, pp, replicas, sched, knob_values)
+                    if reason:
+                        skipped.append(Skipped(cand, reason))
+                        continue
+                    sim_cfg = sim_config(cfg, hw_nodes[hw], sched_nodes[sched], cand)
+                    try:
+                        if fits is not None:
+                            fits(sim_cfg)
+                    except ConfigError as exc:
+                        skipped.append(Skipped(cand, str(exc)))
+                        continue
+                    runnable.append((cand, sim_cfg))
+    if not runnable and not skipped:
+        raise ConfigError("search: the space is empty")
+    return runnable, skipped
