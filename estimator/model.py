@@ -63,16 +63,21 @@ def vocabulary(df: pd.DataFrame, family: str) -> dict[str, list[str]]:
     return {c: sorted(df[c].astype(str).unique().tolist()) for c in F.CATEGORICAL[family] if c in df.columns}
 
 
-def serving_context(df: pd.DataFrame, prefer_sources) -> dict[str, str]:
+def serving_context(df: pd.DataFrame, prefer_sources, family: str = "") -> dict[str, str]:
     """The (source, backend) a simulator query stands for: the first preferred source present,
-    and its most measured backend (ties broken by name, so the choice is deterministic)."""
+    and its most measured backend (ties broken by name, so the choice is deterministic).
+    MoE queries also get a routing distribution (``op``): balanced where measured."""
     present = df["source"].astype(str)
     source = next((s for s in prefer_sources if (present == s).any()), None)
     if source is None:
         source = present.value_counts().sort_index().idxmax()
     counts = df.loc[present == source, "backend"].astype(str).value_counts()
     backend = sorted(counts[counts == counts.max()].index)[0]
-    return {"source": source, "backend": backend}
+    context = {"source": source, "backend": backend}
+    if family == "moe":
+        ops = sorted(df["op"].astype(str).unique())
+        context["op"] = "moe_balanced" if "moe_balanced" in ops else ops[0]
+    return context
 
 
 class FamilyModel:

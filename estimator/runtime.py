@@ -1,12 +1,21 @@
 """Operator times for the simulator's hot loop: one (hw, model, tp) shard, looked up in O(1).
 
 This is the interface the simulator uses. ``OpTimes`` answers per-GPU, per-layer times in
-microseconds. The backing predictions come from ``predict_fn`` (family, DataFrame of shapes in
-profile-table columns) -> array of µs, which the trained estimator provides; without trained
-models it falls back to the roofline prior (and says so in ``self.source``).
+microseconds. ``__init__`` asks ``predict(family, DataFrame of shapes in profile-table columns)
+-> µs`` once per table, vectorised (token tables for 1..max_tokens, an attention grid), so no
+call in the hot loop touches XGBoost or pandas. ``load_op_times`` backs it with the trained
+predictors of ``data/estimators/<hw>`` (roofline prior where a family has none) and caches the
+tables on disk under ``data/cache/optimes`` keyed by the model files, hw, model, tp and quantile.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -18,10 +27,17 @@ from estimator import roofline
 
 PredictFn = Callable[[str, pd.DataFrame], np.ndarray]
 
+# Attention grid: values at 2**(i / STEPS) per axis, interpolated linearly in log-log space.
+GRID_STEPS = 4
+DECODE_MAX_BATCH_LOG2, PREFILL_MAX_BATCH_LOG2 = 12, 6
+MAX_Q_LOG2, MAX_KV_LOG2 = 15, 17
+PREFILL_BATCH_STEPS = 1
+GRID_VERSION = 2  # bump when the tabulation changes, so old disk caches are not reused
+
 
 def roofline_predict(hw: HwConf) -> PredictFn:
     def predict(family: str, df: pd.DataFrame) -> np.ndarray:
-        b = DTYPE_BYTES.get(str(df["dtype"].iloc[0]), 2) if len(df) else 2
+        b = DTYPE_BYTES.get(str(df["dtype"].iloc[0]), 2) if len(df) and "dtype" in df else 2
         if family == "gemm":
             return roofline.gemm_us(df.m, df.n, df.k, hw, b)
         if family == "elementwise":
@@ -30,44 +46,86 @@ def roofline_predict(hw: HwConf) -> PredictFn:
             return roofline.attention_us(df.num_q_tokens, df.num_kv_tokens, df.q_kv_product_sum,
                                          df.num_heads, df.num_kv_heads, df.head_dim, hw, b)
         if family == "collective":
-            return np.array([float(roofline.collective_us(s, w, hw, op))
-                             for s, w, op in zip(df.size_bytes, df.world_size, df.op)])
+            return roofline.collective_us(df.size_bytes, df.world_size, hw, df.op.astype(str).to_numpy())
+        if family == "moe":
+            return roofline.moe_us(df.num_tokens, df.hidden_size, df.ffn_size, df.num_experts, df.top_k, hw,
+                                   df.tp.clip(lower=1), df.ep.clip(lower=1), b)
         raise ValueError(f"no roofline for family {family!r}")
     return predict
+
+
+def _axis(max_log2: int, steps: int) -> np.ndarray:
+    return 2.0 ** (np.arange(max_log2 * steps + 1) / steps)
+
+
+def _pos(x: float, steps: int, n: int) -> tuple[int, float, float]:
+    """Grid cell, fraction inside it, and a linear scale factor for x beyond the last point."""
+    if x <= 1.0:
+        return 0, 0.0, 1.0
+    f = math.log2(x) * steps
+    if f >= n - 1:
+        return n - 2, 1.0, x / 2.0 ** ((n - 1) / steps)
+    i = int(f)
+    return i, f - i, 1.0
 
 
 class OpTimes:
     """Tabulated per-layer operator times of one model shard on one hardware card."""
 
     def __init__(self, hw: HwConf, model: ModelConf, tp: int, predict: PredictFn | None = None,
-                 max_tokens: int = 16384, source: str | None = None):
+                 max_tokens: int = 16384, source: str | None = None, cache_path: str | Path | None = None):
         self.hw, self.model, self.tp = hw, model, tp
         self.predict = predict or roofline_predict(hw)
         self.source = source or ("roofline" if predict is None else "estimator")
         self.max_tokens = max_tokens
         self.dtype = model.dtype
         self.nq, self.nkv = shapes.heads_per_gpu(model, tp)
-        tokens = np.arange(1, max_tokens + 1)
-        self._token_ops = np.concatenate([[0.0], self._tabulate_token_ops(tokens)])
-        self._allreduce = np.concatenate([[0.0], self._tabulate_collective(tokens, "all_reduce", tp)])
-        self._send_recv = np.concatenate([[0.0], self._tabulate_collective(tokens, "send_recv", 2)])
-        self._lm_head = np.concatenate([[0.0], self._tabulate_lm_head(tokens)])
+        tables = _load_npz(cache_path) if cache_path else None
+        if tables is None:
+            tables = self._tabulate()
+            if cache_path:
+                _save_npz(cache_path, tables)
+        self._token_ops, self._allreduce = tables["token_ops"], tables["allreduce"]
+        self._send_recv, self._lm_head = tables["send_recv"], tables["lm_head"]
+        # Scalar lookups on Python lists are several times faster than on numpy arrays.
+        self._decode = tables["decode_log_us"].tolist()
+        self._prefill = tables["prefill_log_us"].tolist()
 
     # --- tabulation -----------------------------------------------------------------
+    def _tabulate(self) -> dict[str, np.ndarray]:
+        tokens = np.arange(1, self.max_tokens + 1)
+        def table(values):  # index = tokens; more tokens never cost less
+            return np.concatenate([[0.0], np.maximum.accumulate(values)])
+        return dict(token_ops=table(self._tabulate_token_ops(tokens)),
+                    allreduce=table(self._tabulate_collective(tokens, "all_reduce", self.tp)),
+                    send_recv=table(self._tabulate_collective(tokens, "send_recv", 2)),
+                    lm_head=table(self._tabulate_lm_head(tokens)),
+                    decode_log_us=self._tabulate_decode(), prefill_log_us=self._tabulate_prefill())
+
     def _frame(self, **cols) -> pd.DataFrame:
-        n = len(next(iter(cols.values())))
+        n = max(len(v) for v in cols.values() if np.ndim(v))
         base = dict(hw=self.hw.name, dtype=self.dtype, model=self.model.name, tp=self.tp)
         return pd.DataFrame({**{k: [v] * n for k, v in base.items()}, **cols})
 
     def _tabulate_token_ops(self, tokens: np.ndarray) -> np.ndarray:
         total = np.zeros(len(tokens))
-        for g in shapes.layer_gemms(self.model, self.tp):
-            df = self._frame(op=[g.op] * len(tokens), m=tokens, n=g.n, k=g.k)
-            total += self.predict("gemm", df)
-        for e in shapes.layer_elementwise(self.model, self.tp):
-            df = self._frame(op=[e.op] * len(tokens), num_tokens=tokens, width=e.width,
-                             num_heads=e.num_heads, num_kv_heads=e.num_kv_heads, head_dim=e.head_dim)
-            total += e.per_layer * self.predict("elementwise", df)
+        moe = self.model.num_experts > 0
+        gemms = [g for g in shapes.layer_gemms(self.model, self.tp)
+                 if not (moe and g.op in ("gate_up_proj", "up_proj", "down_proj"))]
+        if moe:  # the router GEMM, then the fused experts replace the dense MLP
+            gemms.append(shapes.Gemm("router", self.model.num_experts, self.model.hidden_size))
+            m = self.model
+            total += self.predict("moe", self._frame(
+                num_tokens=tokens, hidden_size=m.hidden_size,
+                ffn_size=m.ffn_size, num_experts=m.num_experts, top_k=m.experts_per_token, ep=1, tp=self.tp))
+        frame = pd.concat([self._frame(op=[g.op] * len(tokens), m=tokens, n=g.n, k=g.k) for g in gemms])
+        total += self.predict("gemm", frame).reshape(len(gemms), len(tokens)).sum(axis=0)
+        ops = shapes.layer_elementwise(self.model, self.tp)
+        frame = pd.concat([self._frame(op=[e.op] * len(tokens), num_tokens=tokens, width=e.width,
+                                       num_heads=e.num_heads, num_kv_heads=e.num_kv_heads, head_dim=e.head_dim)
+                           for e in ops])
+        per_op = self.predict("elementwise", frame).reshape(len(ops), len(tokens))
+        total += (np.array([e.per_layer for e in ops])[:, None] * per_op).sum(axis=0)
         return total
 
     def _tabulate_collective(self, tokens: np.ndarray, op: str, world: int) -> np.ndarray:
@@ -86,8 +144,26 @@ class OpTimes:
         g = shapes.lm_head_gemm(self.model, self.tp)
         return self.predict("gemm", self._frame(op=["lm_head"] * len(tokens), m=tokens, n=g.n, k=g.k))
 
-    def _clip(self, num_tokens: int) -> int:
-        return min(int(num_tokens), self.max_tokens)
+    def _attn_grid(self, phase: str, batch: np.ndarray, q: np.ndarray, kv: np.ndarray) -> np.ndarray:
+        """log µs over the grid batch x mean q x q-weighted mean kv (uniform batches)."""
+        b, qq, kk = (a.ravel() for a in np.meshgrid(batch, q, kv, indexing="ij"))
+        kk = np.maximum(kk, qq)  # a query attends to at least the keys of its own chunk
+        frame = self._frame(op=["attention"] * len(b), phase=[phase] * len(b), batch_size=b,
+                            num_q_tokens=b * qq, num_kv_tokens=b * kk, max_q_len=qq, max_kv_len=kk,
+                            q_kv_product_sum=b * qq * kk, num_heads=self.nq, num_kv_heads=self.nkv,
+                            head_dim=self.model.head_dim, block_size=16)
+        t = np.log(np.maximum(self.predict("attention", frame), 1e-3)).reshape(len(batch), len(q), len(kv))
+        for axis in range(3):  # more sequences, queries or keys never cost less
+            t = np.maximum.accumulate(t, axis=axis)
+        return t
+
+    def _tabulate_decode(self) -> np.ndarray:
+        return self._attn_grid("decode", _axis(DECODE_MAX_BATCH_LOG2, GRID_STEPS), np.ones(1),
+                               _axis(MAX_KV_LOG2, GRID_STEPS))[:, 0, :]
+
+    def _tabulate_prefill(self) -> np.ndarray:
+        return self._attn_grid("prefill", _axis(PREFILL_MAX_BATCH_LOG2, PREFILL_BATCH_STEPS),
+                               _axis(MAX_Q_LOG2, GRID_STEPS), _axis(MAX_KV_LOG2, GRID_STEPS))
 
     def _scaled(self, table: np.ndarray, num_tokens: int) -> float:
         """Lookup; beyond the table, scale linearly (these ops are linear in tokens at that size)."""
@@ -114,30 +190,101 @@ class OpTimes:
 
     def layer_attention_us(self, prefill_q: Sequence[int], prefill_kv: Sequence[int],
                            decode_kv: Sequence[int]) -> float:
-        """Attention of one layer: prefill chunks (q_len, kv_len incl. the chunk) and decodes (kv_len)."""
+        """Attention of one layer: prefill chunks (q_len, kv_len incl. the chunk) and decodes (kv_len).
+
+        A batch is priced as the uniform batch with the same sequences, query tokens and
+        query-key pairs (mean q, q-weighted mean kv), read from the precomputed grid.
+        """
         total = 0.0
-        if len(prefill_q):
-            q = np.asarray(prefill_q, dtype=np.int64)
-            kv = np.asarray(prefill_kv, dtype=np.int64)
-            total += float(self.predict("attention", self._attn_frame("prefill", q, kv))[0])
-        if len(decode_kv):
-            kv = np.asarray(decode_kv, dtype=np.int64)
-            total += float(self.predict("attention", self._attn_frame("decode", np.ones_like(kv), kv))[0])
+        n = len(prefill_q)
+        if n:
+            q_sum = float(sum(prefill_q))
+            pairs = float(sum(q * kv for q, kv in zip(prefill_q, prefill_kv)))
+            total += self._lookup3(n, q_sum / n, pairs / q_sum)
+        n = len(decode_kv)
+        if n:
+            total += self._lookup2(n, float(sum(decode_kv)) / n)
         return total
 
-    def _attn_frame(self, phase: str, q: np.ndarray, kv: np.ndarray) -> pd.DataFrame:
-        pairs = int((q * kv).sum())
-        return self._frame(op=["attention"], phase=[phase], batch_size=[len(q)],
-                           num_q_tokens=[int(q.sum())], num_kv_tokens=[int(kv.sum())],
-                           max_q_len=[int(q.max())], max_kv_len=[int(kv.max())],
-                           q_kv_product_sum=[pairs], num_heads=[self.nq], num_kv_heads=[self.nkv],
-                           head_dim=[self.model.head_dim], block_size=[16])
+    def _lookup2(self, batch: float, kv: float) -> float:
+        t = self._decode
+        i, fi, si = _pos(batch, GRID_STEPS, len(t))
+        j, fj, sj = _pos(kv, GRID_STEPS, len(t[0]))
+        r0, r1 = t[i], t[i + 1]
+        v = ((1 - fi) * ((1 - fj) * r0[j] + fj * r0[j + 1]) + fi * ((1 - fj) * r1[j] + fj * r1[j + 1]))
+        return math.exp(v) * si * sj
+
+    def _lookup3(self, batch: float, q: float, kv: float) -> float:
+        t = self._prefill
+        i, fi, si = _pos(batch, PREFILL_BATCH_STEPS, len(t))
+        j, fj, sj = _pos(q, GRID_STEPS, len(t[0]))
+        kv = max(kv, q)
+        l, fl, sl = _pos(kv, GRID_STEPS, len(t[0][0]))
+        v = 0.0
+        for a, wa in ((i, 1 - fi), (i + 1, fi)):
+            for b, wb in ((j, 1 - fj), (j + 1, fj)):
+                row = t[a][b]
+                v += wa * wb * ((1 - fl) * row[l] + fl * row[l + 1])
+        return math.exp(v) * si * sj * sl
+
+
+def _load_npz(path) -> dict[str, np.ndarray] | None:
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (OSError, ValueError):
+        return None  # a torn or foreign file: rebuild it
+
+
+def _save_npz(path, tables: dict[str, np.ndarray]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **tables)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cache_key(fingerprint: str, hw: HwConf, model: ModelConf, tp: int, quantile: str, max_tokens: int) -> str:
+    blob = json.dumps([fingerprint, dataclasses.asdict(hw), dataclasses.asdict(model), tp, quantile, max_tokens,
+                       GRID_VERSION, GRID_STEPS, DECODE_MAX_BATCH_LOG2, PREFILL_MAX_BATCH_LOG2, MAX_Q_LOG2,
+                       MAX_KV_LOG2, PREFILL_BATCH_STEPS], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
 def load_op_times(hw: HwConf, model: ModelConf, tp: int, quantile: str = "p50",
                   data_dir: str = "data", max_tokens: int = 16384) -> OpTimes:
     """OpTimes for the simulator from the trained estimator of ``hw`` (data/estimators/<hw>).
 
-    Placeholder until the trained predictors land: uses the roofline prior.
+    Families without a trained model use the roofline prior; with no trained model for ``hw``
+    at all, everything does and one warning says so. Tables are cached in data/cache/optimes.
     """
-    return OpTimes(hw, model, tp, max_tokens=max_tokens)
+    from estimator.features import EstimatorError
+    from estimator.model import QUANTILES, warn_once
+    from estimator.predictors import Predictors
+
+    shapes.check_tp(model, tp)
+    if quantile not in QUANTILES:
+        raise EstimatorError(f"quantile {quantile!r} is not one of {', '.join(QUANTILES)}")
+    cache_dir = Path(data_dir) / "cache" / "optimes"
+    try:
+        preds = Predictors.load(hw, data_dir)
+    except EstimatorError as exc:
+        warn_once(("no-estimator", hw.name), f"{exc}; the simulator uses the roofline prior for hw={hw.name}")
+        key = cache_key("roofline", hw, model, tp, "p50", max_tokens)
+        return OpTimes(hw, model, tp, max_tokens=max_tokens, cache_path=cache_dir / f"{key}.npz")
+    source = f"estimator:{hw.name}:{quantile}"
+    if preds.fallback:
+        warn_once(("fallback", hw.name, tuple(preds.fallback)),
+                  f"hw={hw.name}: no trained model for {', '.join(preds.fallback)}; roofline prior used for those")
+        source += f" (roofline: {', '.join(preds.fallback)})"
+    key = cache_key(preds.fingerprint(), hw, model, tp, quantile, max_tokens)
+    return OpTimes(hw, model, tp, predict=preds.predict_fn(quantile), max_tokens=max_tokens, source=source,
+                   cache_path=cache_dir / f"{key}.npz")

@@ -94,7 +94,7 @@ def run(cfg: DictConfig) -> dict:
             entry.update(status="roofline", note=note + "; too few rows to train, roofline prior used")
             _remove_model(out, family)
             continue
-        serve = serving_context(df, cfg.prefer_sources)
+        serve = serving_context(df, cfg.prefer_sources, family)
         meta = {"serve": serve, "data_sha256": file_sha256(path), "data_path": str(path),
                 "sources": df["source"].value_counts().sort_index().to_dict(),
                 "settings": report["settings"]}

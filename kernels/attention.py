@@ -42,8 +42,11 @@ def _sdpa(b, q_len, kv_len, nq, nkv, d, _block, dtype, device):
         return lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=nq != nkv)
     if q_len == kv_len:
         return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=nq != nkv)
-    from torch.nn.attention.bias import causal_lower_right   # chunk sits at the end of its sequence
-    mask = causal_lower_right(q_len, kv_len)
+    import torch
+    # The chunk sits at the end of its sequence: query i sees keys up to kv_len - q_len + i.
+    # (torch.nn.attention.bias.causal_lower_right materialises the same mask on CPU, and its import
+    # pulls in torch._dynamo.)
+    mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
     return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nq != nkv)
 
 

@@ -122,13 +122,11 @@ def worker(rank: int, job: dict, init_method: str | None = None) -> None:
         dist.init_process_group(job["backend"], **kw)
     rank = dist.get_rank()
     try:
-        todo, store = [None], None
+        todo, store = [job.get("todo")], None
         if rank == 0:
             store = _store(job)
-            todo = [[(op, s) for op in job["ops"] for s in job["sizes"]
-                     if _key(_row(job, op, s)) not in store["done"]]]
-            if job["max_points"] > 0:
-                todo[0] = todo[0][:job["max_points"]]
+            if todo[0] is None:
+                todo = [_todo(job, store)]
         dist.broadcast_object_list(todo, src=0)
         dt = torch_dtype(job["dtype"])
         from tqdm import tqdm
@@ -156,6 +154,11 @@ def worker(rank: int, job: dict, init_method: str | None = None) -> None:
 
 def _key(row: dict) -> tuple:
     return tuple(str(row[c]) for c in tables.identity_columns("collective"))
+
+
+def _todo(job: dict, store: dict) -> list[tuple[str, int]]:
+    todo = [(op, s) for op in job["ops"] for s in job["sizes"] if _key(_row(job, op, s)) not in store["done"]]
+    return todo[:job["max_points"]] if job["max_points"] > 0 else todo
 
 
 def _store(job: dict) -> dict:
@@ -188,13 +191,19 @@ def run(cfg) -> None:
     if "RANK" in os.environ:
         worker(int(os.environ["RANK"]), job)
         return
+    import torch
+    job["threads_used"] = job["threads"] if job["threads"] > 0 else torch.get_num_threads()
+    job["todo"] = _todo(job, _store(job))      # decided here so that a finished table spawns nothing
+    if not job["todo"]:
+        return
     import torch.multiprocessing as mp
     mp.spawn(worker, args=(job, f"tcp://127.0.0.1:{_free_port()}"), nprocs=job["world_size"], join=True)
 
 
 def main() -> None:
     from profiler.config import compose
-    conf.main_guard(lambda: run(compose(sys.argv[1:])))()
+    from profiler.run import cli
+    cli(lambda: run(compose(sys.argv[1:])))
 
 
 if __name__ == "__main__":

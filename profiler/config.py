@@ -31,7 +31,7 @@ PRESETS: dict[str, dict[str, list[int]]] = {
     "small": {"tokens": [1, 16, 128], "kv_lens": [16, 256], "decode_batch_sizes": [1, 8],
               "prefill_batch_sizes": [1]},
     "cpu": {"tokens": _steps(4096), "kv_lens": [16, 64, 128, 256, 512, 1024, 2048, 3072, 4096],
-            "decode_batch_sizes": [1, 2, 4, 8, 16, 32, 48, 64], "prefill_batch_sizes": [1, 2, 4]},
+            "decode_batch_sizes": [1, 2, 4, 8, 16, 32, 48, 64], "prefill_batch_sizes": [1, 4]},
     "gpu": {"tokens": _steps(16384), "kv_lens": _steps(32768)[6:],
             "decode_batch_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 256, 512],
             "prefill_batch_sizes": [1, 2, 4, 8]},
@@ -56,7 +56,7 @@ class ProfileConf:
     warmup: int = 3
     repeats: int = 20
     min_repeats: int = 3              # a point stops early after max_seconds_per_point ...
-    max_seconds_per_point: float = 2.0  # ... once it has min_repeats samples
+    max_seconds_per_point: float = 1.0  # ... once it has min_repeats samples
     l2_flush: bool = True             # GPU only; CPU rows are always l2_policy=hot
     cuda_graph: bool = False
     max_points: int = 0               # stop after this many new measurements (0 = all)

@@ -7,14 +7,15 @@ folder, or one ``*_perf.parquet``. Each table lives at ``<system>/<kind>/<framew
 next to a ``collection_meta.yaml`` naming the framework version, which becomes ``backend``
 (e.g. ``vllm-0.14.0``), so versions stay apart. Rows get ``source = "aiconfigurator"``.
 
-What the numbers are (aiconfigurator collector code at the commit above): one CUDA-graph
-replay timed with CUDA events, averaged over the runs -> ``time_us_mean`` only (median, min,
-p10/p90 and std are not in the source and stay NaN). Tables and their mapping:
+What the numbers are (read from aiconfigurator's collector/ sources): CUDA-graph replays timed
+with CUDA events, averaged over the runs -> ``time_us_mean`` only (median, min, p10/p90 and std
+are not in the source and stay NaN). Tables and their mapping:
 - gemm_perf: ``m, n, k`` -> gemm rows; dtypes bfloat16/float16/fp8 (others skipped).
 - context_attention_perf: ``batch_size`` sequences of ``isl`` new tokens, no cached prefix
-  -> prefill rows. generation_attention_perf: one new token per sequence over a KV of
-  ``isl + step`` tokens -> decode rows. Paged KV with vLLM blocks of 64 (the collector's
-  block_size). dtype = KV-cache dtype (bfloat16 or fp8; queries are bfloat16).
+  -> prefill rows. generation_attention_perf: one new token per sequence over ``step`` KV
+  tokens (collect_attn.py runs seq_lens=[s], query_lens=[1] and logs step=s; its s grid 2^j - 1
+  is what the tables hold) -> decode rows. Paged KV in
+  vLLM blocks of 64 (the collector's block_size). dtype = KV-cache dtype (bfloat16 or fp8).
   Sliding-window rows (window_size > 0) are skipped: the schema has no window column.
 - custom_allreduce_perf: vLLM's custom all-reduce (``message_size`` elements of bf16), op
   custom_all_reduce, cuda_graph from its ``backend`` (vllm_graph/vllm_eager).
@@ -71,10 +72,12 @@ def convert_attention(df: pd.DataFrame, where: str, phase: str) -> pd.DataFrame:
             raise imp.SourceFormatError(f"{where}: context attention rows must have step 0")
         q_len, kv_len = isl, isl
     else:
-        if (isl != 1).any() or (step < 0).any():
+        if (isl != 1).any() or (step < 1).any():
             raise imp.SourceFormatError(f"{where}: generation attention rows must have isl 1 (one new "
-                                        f"token) and step >= 0 (tokens already cached)")
-        q_len, kv_len = isl, isl + step
+                                        f"token) and step >= 1 (sequence length incl. the new token)")
+        # The collector runs seq_lens=[step]*b, query_lens=[1]*b and logs isl=1, step=seq_len: the
+        # kernel attends over `step` KV tokens, the new one included (not isl + step).
+        q_len, kv_len = isl, step
     return pd.DataFrame({"family": "attention", "op": "attention", "phase": phase, "dtype": df["dtype"],
                          "batch_size": b, "num_q_tokens": b * q_len, "num_kv_tokens": b * kv_len,
                          "max_q_len": q_len, "max_kv_len": kv_len, "q_kv_product_sum": b * q_len * kv_len,
@@ -162,8 +165,9 @@ def framework_version(table: Path, df: pd.DataFrame, where: str) -> tuple[str, s
         fw, ver = str(runtime.get("framework", "")).lower(), str(runtime.get("version", ""))
     else:
         fw, ver = table.parent.parent.name.lower(), table.parent.name
-    if "version" in df and len(df) and set(df["version"].astype(str)) != {ver}:
-        raise imp.SourceFormatError(f"{where}: version column {sorted(set(df['version'].astype(str)))} "
+    versions = sorted(str(x) for x in df["version"].unique()) if "version" in df else []
+    if versions and versions != [ver]:
+        raise imp.SourceFormatError(f"{where}: version column {versions} "
                                     f"disagrees with collection_meta.yaml version {ver!r}")
     if not fw or not ver:
         raise imp.SourceFormatError(f"{where}: no framework/version (collection_meta.yaml or folder names)")
@@ -173,7 +177,7 @@ def framework_version(table: Path, df: pd.DataFrame, where: str) -> tuple[str, s
 def check_device(df: pd.DataFrame, hw: str, where: str) -> None:
     """A table measured on another GPU than hw= is a user mistake, not data for hw."""
     if "device" in df and len(df):
-        devices = sorted(set(df["device"].astype(str)))
+        devices = sorted(str(d) for d in df["device"].unique())
         if any(hw.upper() not in d.upper() for d in devices):
             raise imp.SourceFormatError(f"{where}: measured on {', '.join(devices)}, not hw={hw}")
 
@@ -199,7 +203,7 @@ def import_aiconfigurator(path: Path, hw: str, out_dir: Path) -> dict[str, int]:
         check_device(df, hw, where)
         out = CONVERTERS[table.stem](df, where, hw)
         imp.check_ms(out["latency"], f"{where} latency")
-        kernels = sorted(set(df["kernel_source"].astype(str))) if "kernel_source" in df else []
+        kernels = sorted(str(k) for k in df["kernel_source"].unique()) if "kernel_source" in df else []
         fam = out.pop("family").iloc[0] if len(out) else None
         if fam is None:
             continue
@@ -213,10 +217,12 @@ def import_aiconfigurator(path: Path, hw: str, out_dir: Path) -> dict[str, int]:
         df = pd.concat(frames, ignore_index=True)
         df = imp.fill_common(df, fam, hw=hw)
         meta = {**imp.UPSTREAM[TOOL], "importer": f"profiler.import_aiconfigurator v{imp.IMPORTER_VERSION}",
-                "files": metas[fam], "units": "source latency ms x 1000 -> time_us_mean; message_size "
+                "files": metas[fam], "files_relative_to": "the folder holding <system>_sxm/ (upstream: "
+                "aiconfigurator's systems data folder)", "units": "source latency ms x 1000 -> time_us_mean; message_size "
                 "elements x dtype bytes -> size_bytes", "stats": "the source gives one mean latency per "
                 "point: only time_us_mean is set, other statistics NaN; repeats unknown (0)"}
-        written[fam] = imp.merge_write(Path(out_dir) / hw / f"{fam}.parquet", fam, TOOL, hw, df, meta)
+        written[fam] = imp.merge_write(Path(out_dir) / hw / f"{fam}.parquet", fam, TOOL, hw, df, meta,
+                                       scope="backend")
     return written
 
 

@@ -30,17 +30,17 @@ KNOWN = {
         "description": "Azure LLM inference trace 2023, conversation service (Splitwise, ISCA'24): "
                        "arrival time and prompt/output token counts per request",
         "upstream_data": "https://github.com/Azure/AzurePublicDataset (AzureLLMInferenceTrace_conv)",
-        "upstream_licence": "CC-BY attribution licence (Azure Public Dataset terms); cite Splitwise"},
+        "licence": "CC-BY attribution licence (Azure Public Dataset terms); cite Splitwise"},
     "splitwise_code.csv": {
         "description": "Azure LLM inference trace 2023, code-completion service (Splitwise, ISCA'24): "
                        "arrival time and prompt/output token counts per request",
         "upstream_data": "https://github.com/Azure/AzurePublicDataset (AzureLLMInferenceTrace_code)",
-        "upstream_licence": "CC-BY attribution licence (Azure Public Dataset terms); cite Splitwise"},
+        "licence": "CC-BY attribution licence (Azure Public Dataset terms); cite Splitwise"},
     "arxiv_summarization_stats_llama2_tokenizer_filtered_v2.csv": {
         "description": "arXiv summarization (article -> abstract) token counts with the Llama-2 "
-                       "tokenizer, filtered by Vidur to <= 4096 total tokens; no arrival times",
+                       "tokenizer (Vidur's filtered_v2 file: <= 4096 total tokens per request); no arrival times",
         "upstream_data": "arXiv summarization dataset (Cohan et al. 2018), token counts only",
-        "upstream_licence": "not stated by Vidur for the dataset; only token counts are redistributed"},
+        "licence": "not stated by Vidur for the dataset; only token counts are redistributed"},
 }
 
 
@@ -81,7 +81,9 @@ def import_trace(path: Path, name: str, out_dir: Path) -> Path:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise imp.SourceFormatError(f"{path}: not a readable CSV ({type(exc).__name__})") from None
     out = convert_trace(df, path.name)
-    meta = {"kind": "request_trace", "name": name, "source": "vidur", **imp.UPSTREAM["vidur"],
+    # `licence` is the data's own; `via` is the repository (and its licence) that ships the CSV.
+    meta = {"kind": "request_trace", "name": name, "source": "vidur", "via": imp.UPSTREAM["vidur"],
+            "licence": "unknown (not one of the traces Vidur ships)",
             "file": {"path": f"data/processed_traces/{path.name}" if path.name in KNOWN else path.name,
                      "sha256": imp.sha256(path)},
             **KNOWN.get(path.name, {}), "num_requests": len(out),

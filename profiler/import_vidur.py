@@ -14,6 +14,7 @@ Network ``size`` is bytes: Vidur's collectives_wrapper logs ``size * 2`` of an f
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Sequence
 
@@ -27,15 +28,15 @@ STATS = {"median": "time_us_median", "mean": "time_us_mean", "min": "time_us_min
 SHAPE_COLUMNS = ["n_head", "n_kv_head", "n_embd", "n_expanded_embd", "use_gated_mlp", "num_tokens",
                  "num_tensor_parallel_workers"]
 NETWORK_COLUMNS = ["num_workers", "size", "devices_per_node"]
-GEMM_OPS = {"attn_pre_proj": "qkv_proj", "attn_post_proj": "o_proj", "mlp_up_proj": None,
-            "mlp_down_proj": "down_proj"}
 ELEMENTWISE_OPS = ["emb", "input_layernorm", "post_attention_layernorm", "mlp_act", "attn_rope", "add"]
 COMMON = {"dtype": "float16", "backend": "torch", "timer": "record_function", "l2_policy": "hot",
           "cuda_graph": False}
 USAGE = "python -m profiler.import_vidur PATH hw=<h100|a100|a40> [out_dir=data/profiles] [model=NAME]"
 
 
+@functools.lru_cache(maxsize=1)
 def model_cards() -> dict[str, conf.ModelConf]:
+    """opcast model cards by Hugging Face id (Vidur names its folders by that id)."""
     from omegaconf import OmegaConf
     out = {}
     for name in conf.choices("model"):
@@ -85,6 +86,13 @@ def convert_mlp(df: pd.DataFrame, model: conf.ModelConf, where: str) -> dict[str
                                                              "0": False})
     if gated.isna().any():
         raise imp.SourceFormatError(f"{where}: use_gated_mlp must be True/False")
+    card = {"n_head": model.num_heads, "n_kv_head": model.num_kv_heads, "n_embd": model.hidden_size,
+            "n_expanded_embd": model.ffn_size, "use_gated_mlp": model.gated_mlp}
+    for col, want in card.items():
+        got = gated if col == "use_gated_mlp" else df[col]
+        if (got != want).any():
+            raise imp.SourceFormatError(f"{where}: {col}={got[got != want].iloc[0]} but model card "
+                                        f"{model.name} has {want}; pass the matching model=<name>")
     d = h // heads
     nq, nkv = heads // tp, kv_heads // tp
     base = pd.DataFrame({"model": model.name, "tp": tp, "m": df["num_tokens"].astype("int64")})
@@ -106,7 +114,7 @@ def convert_mlp(df: pd.DataFrame, model: conf.ModelConf, where: str) -> dict[str
            "attn_rope": "rope"}
     elementwise = []
     for vop in ELEMENTWISE_OPS:
-        if vop == "post_attention_layernorm" and not any(c.startswith(f"time_stats.{vop}.") for c in df):
+        if vop == "post_attention_layernorm" and model.parallel_block:
             continue  # parallel-block models (phi-2) have a single norm per layer
         rows = pd.DataFrame({"model": model.name, "tp": tp, "num_tokens": df["num_tokens"].astype("int64"),
                              "op": ops[vop], "width": width[vop], "num_heads": 0, "num_kv_heads": 0,
@@ -132,10 +140,11 @@ def convert_network(df: pd.DataFrame, network: str, collective: str, where: str)
 def find_inputs(path: Path, hw: str) -> tuple[Path, list[Path], list[Path]]:
     """(base for relative names, mlp.csv files, network CSVs) for this hw under PATH (or PATH itself)."""
     if path.is_file():
+        # relative names keep the folders that carry meaning: <org>/<model>/ and <network>/
         if path.name == "mlp.csv":
-            return path.parent, [path], []
+            return path.resolve().parents[2], [path], []
         if path.stem in ("all_reduce", "send_recv"):
-            return path.parent, [], [path]
+            return path.resolve().parents[1], [], [path]
         raise conf.ConfigError(f"{path}: not a Vidur mlp.csv, all_reduce.csv or send_recv.csv")
     roots = [p for p in [path, path / "profiling", *path.glob("**/profiling")] if (p / "compute").is_dir()
              or (p / "network").is_dir()]
@@ -180,6 +189,7 @@ def import_vidur(path: Path, hw: str, out_dir: Path, model: str | None = None) -
         rows["collective"].append(fr.assign(timer="kineto"))
         files.append({"path": where, "sha256": imp.sha256(csv), "network": network})
     meta = {**imp.UPSTREAM[TOOL], "importer": f"profiler.import_vidur v{imp.IMPORTER_VERSION}",
+            "files_relative_to": "the folder holding profiling/ (upstream: vidur's data/)",
             "units": "source ms x 1000 -> time_us_*; Vidur network size is bytes",
             "stats": "min/mean/median/std from the source; p10/p90 not in the source (NaN); "
                      "repeats unknown (0)"}
@@ -192,7 +202,8 @@ def import_vidur(path: Path, hw: str, out_dir: Path, model: str | None = None) -
         df = imp.fill_common(df, fam, hw=hw, **{**COMMON, "timer": timer})
         kind = "network" if fam == "collective" else "model"
         fam_meta = {**meta, "files": [f for f in files if kind in f]}
-        written[fam] = imp.merge_write(Path(out_dir) / hw / f"{fam}.parquet", fam, TOOL, hw, df, fam_meta)
+        written[fam] = imp.merge_write(Path(out_dir) / hw / f"{fam}.parquet", fam, TOOL, hw, df, fam_meta,
+                                       scope=kind)
     return written
 
 

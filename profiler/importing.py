@@ -48,15 +48,16 @@ def require_columns(df: pd.DataFrame, columns: Sequence[str], where: str) -> Non
 
 
 def check_ms(values: pd.Series, where: str) -> None:
-    """Times must be finite-or-NaN, non-negative and plausible as milliseconds."""
-    v = pd.to_numeric(values, errors="coerce")
-    bad = v.isna() & values.notna()
+    """Times must be NaN or finite, non-negative and plausible as milliseconds."""
+    v = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+    bad = np.isnan(v) & values.notna().to_numpy()
     if bad.any():
         raise SourceFormatError(f"{where}: non-numeric time {values[bad].iloc[0]!r}")
-    if (v < 0).any() or np.isinf(v).any():
-        raise SourceFormatError(f"{where}: negative or infinite time {v[(v < 0) | np.isinf(v)].iloc[0]}")
+    wrong = (v < 0) | np.isinf(v)
+    if wrong.any():
+        raise SourceFormatError(f"{where}: negative or infinite time {v[wrong][0]}")
     if (v > MAX_PLAUSIBLE_MS).any():
-        raise SourceFormatError(f"{where}: time {v.max():g} is not plausible in milliseconds "
+        raise SourceFormatError(f"{where}: time {np.nanmax(v):g} is not plausible in milliseconds "
                                 f"(> {MAX_PLAUSIBLE_MS:g} ms for one call); the file looks like µs or ns, "
                                 f"the importer expects ms")
 
@@ -92,7 +93,7 @@ def fill_common(df: pd.DataFrame, family: str, **values) -> pd.DataFrame:
     """Add every contract column the converter left out, with its 'unknown' value."""
     defaults = {"source": "", "cuda_graph": False, "threads": 0, "status": "ok", "repeats": 0, "model": "", "tp": 0,
                 **{c: math.nan for c in tables.STAT_COLUMNS}}
-    for name, typ in tables.COMMON + tables.FAMILIES[family]:
+    for name, _ in tables.COMMON + tables.FAMILIES[family]:
         if name in values:
             df[name] = values[name]
         elif name not in df.columns:
@@ -108,24 +109,36 @@ def sort_rows(df: pd.DataFrame, family: str) -> pd.DataFrame:
     return df.sort_values(keys, kind="mergesort", na_position="last").reset_index(drop=True)
 
 
-def merge_write(path: Path, family: str, tool: str, hw: str, rows: pd.DataFrame,
-                source_meta: dict) -> int:
-    """Replace ``tool``'s rows for ``hw`` in ``path`` by ``rows``; keep other sources' rows and meta."""
+def merge_write(path: Path, family: str, tool: str, hw: str, rows: pd.DataFrame, source_meta: dict,
+                scope: str) -> int:
+    """Merge ``tool``'s new rows for ``hw`` into ``path``; keep everything else.
+
+    Replaced: the existing rows of this tool and hw whose ``scope`` column value (model, network or
+    backend) appears in ``rows``, so importing one model's or one version's file leaves the others'
+    rows alone, and re-running gives the same bytes. ``source_meta["files"]`` entries carry the
+    same ``scope`` key and are merged the same way.
+    """
     path = Path(path)
+    rows = rows.copy()
+    rows["source"] = tool
+    replaced = {str(x) for x in rows[scope].unique()}
     kept = tables.schema(family).empty_table().to_pandas()
-    meta = {}
+    meta: dict = {}
     if path.exists():
         old = tables.read(path, family)
         meta = tables.provenance(path)
-        kept = old[~((old["source"] == tool) & (old["hw"] == hw))]
+        ours = (old["source"] == tool) & (old["hw"] == hw) & old[scope].isin(list(replaced))
+        kept = old[~ours]
     sources = dict(meta.get("sources", {}))
-    sources[tool] = source_meta
-    rows = rows.copy()
-    rows["source"] = tool
+    old_files = [f for f in sources.get(tool, {}).get("files", []) if str(f.get(scope)) not in replaced]
+    files = sorted(old_files + list(source_meta.get("files", [])), key=lambda f: f["path"])
+    sources[tool] = {**source_meta, "files": files}
     frames = [f for f in (kept, rows) if len(f)]
     merged = pd.concat(frames, ignore_index=True) if frames else rows
     merged = sort_rows(tables.to_arrow(merged, family).to_pandas(), family)
-    tables.write(merged, path, family, {"hw": hw, "sources": dict(sorted(sources.items()))})
+    # other writers' top-level provenance (e.g. the profiler's) stays as it was
+    others = {k: v for k, v in meta.items() if k not in ("schema_version", "family", "sources")}
+    tables.write(merged, path, family, {**others, "hw": hw, "sources": dict(sorted(sources.items()))})
     return len(rows)
 
 

@@ -1,1 +1,36 @@
-"""Discrete-event simulator of LLM serving deployments; runs on CPU from the shipped data."""
+"""Discrete-event simulator of LLM serving deployments; runs on CPU from the shipped data.
+
+API (what ``python -m sim.run`` and the search build on)::
+
+    import sim
+    cfg = sim.compose(["hw=h100", "model=llama2-70b", "parallel.tp=4", "workload.qps=2"])
+    result = sim.simulate(cfg)                    # outputs only if cfg.sim.out_dir is set
+    result.summary["ttft_s_p90"], result.requests  # dict[str, float], DataFrame or None
+
+- ``compose(overrides)``: the composed ``conf/sim.yaml`` (groups hw, model, scheduler,
+  workload, router; nodes parallel {tp, pp, replicas}, seed, sim {out_dir, keep_requests, ...}).
+- ``simulate(cfg, op_times=None) -> SimResult``. Pass ``op_times`` (from
+  ``estimator.runtime.load_op_times(hw, model, tp, quantile)``) to reuse one across calls with
+  other QPS/seeds; its attention memo stays warm. Raises ``conf.ConfigError("... does not fit
+  ...")`` when the model does not fit at that tp/pp, and ConfigError for other bad input.
+- ``SimResult.summary`` keys: ``<metric>_<stat>`` for metric in ttft_s, tpot_s, itl_s, e2e_s,
+  norm_e2e_s, sched_delay_s and stat in mean, p50, p90, p99; throughput_rps,
+  throughput_tok_s (output tokens/s), num_requests, num_preemptions, num_iterations, mfu, mbu,
+  kv_util_mean, kv_util_peak, batch_size_mean, sim_time_s (simulated end time), wall_s.
+  ``.requests``: one row per request (ids, times, lengths, ttft_s, tpot_s, e2e_s, ...) when
+  ``sim.keep_requests`` (default); ``.memory``: the MemoryPlan.
+- ``memory_plan(hw, model, tp, pp, block_size=16, gpu_memory_utilization=0.9, ...) ->
+  MemoryPlan`` (``.fits``, ``.num_blocks``, ``.reason``) and ``plan_for(cfg)``: whether and how a
+  deployment fits, without simulating - the search skips configs with ``.reason``.
+- ``SCHEDULERS`` (name -> class with ``schedule(now, running, waiting, blocks)``), ``ROUTERS``.
+"""
+from sim.config import compose, register
+from sim.core import SimResult, max_request_tokens, plan_for, simulate
+from sim.router import ROUTERS
+from sim.memory import MemoryPlan, memory_plan
+from sim.schedulers import SCHEDULERS
+
+register()
+
+__all__ = ["compose", "simulate", "SimResult", "memory_plan", "MemoryPlan", "plan_for",
+           "max_request_tokens", "SCHEDULERS", "ROUTERS", "register"]

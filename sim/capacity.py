@@ -70,7 +70,7 @@ class SeedCapacity:
     hi_qps: float             # failing end (inf when capped by saturation throughput)
     saturation_qps: float     # throughput with every request waiting: the stability bound
     status: str               # ok | throughput_bound | below_floor
-    num_probes: int           # simulations run for this seed, the saturation probe included
+    num_probes: int           # simulations run for this seed (the first seed's include saturation)
     min_violation: float = math.nan   # closest any probe came to the SLO (worst ratio, >1 fails)
     probes: list = field(default_factory=list)   # [(qps, violation)] in probe order
 
@@ -82,7 +82,9 @@ def round_qps(qps: float) -> float:
 
 def find_capacity(check: Callable[[float], float], guess: float, ceiling: float, floor: float,
                   step: float, rel_tol: float) -> tuple[float, float, str, list]:
-    """Bracket then bisect. ``check(qps)`` returns the SLO violation ratio (<= 1 passes).
+    """Bracket, then close in (interpolated probe pairs alternating with log-bisection).
+
+    ``check(qps)`` returns the SLO violation ratio (<= 1 passes).
 
     Returns (lo, hi, status, probes): lo is the highest passing QPS (0 if none down to floor),
     hi the lowest failing one above it (inf when the ceiling itself passed).
@@ -119,14 +121,33 @@ def find_capacity(check: Callable[[float], float], guess: float, ceiling: float,
             lo = qps
         else:
             hi = qps
-    while hi / lo > 1.0 + rel_tol:
-        qps = round_qps(math.sqrt(lo * hi))
+    width = 1.0 + rel_tol
+    last = {q: v for q, v in probes}
+    interpolate = True
+    while hi / lo > width:
+        qps, aimed = math.sqrt(lo * hi), False
+        v_lo, v_hi = last[lo], last[hi]
+        if interpolate and math.isfinite(v_hi) and v_hi > v_lo and hi / lo > width ** 2:
+            # The violation ratio is smooth in QPS near the limit: aim a pair of probes one
+            # tolerance apart around the interpolated crossing, which usually closes the bracket.
+            root = lo + (1.0 - v_lo) * (hi - lo) / (v_hi - v_lo)
+            qps = min(max(root / math.sqrt(width), lo * math.sqrt(width)), hi / math.sqrt(width))
+            aimed = True
+        interpolate = not interpolate          # alternate with bisection: robust when it is not
+        qps = round_qps(qps)
         if qps in (lo, hi):                    # the rounding grid is finer than any sane tolerance
             break
-        if passes(qps):
-            lo = qps
-        else:
-            hi = qps
+        ok = passes(qps)
+        last[qps] = probes[-1][1]
+        lo, hi = (qps, hi) if ok else (lo, qps)
+        if hi / lo <= width or not aimed:
+            continue
+        partner = round_qps(min(qps * width, hi) if ok else max(qps / width, lo))
+        if partner in (lo, hi):
+            continue
+        ok = passes(partner)
+        last[partner] = probes[-1][1]
+        lo, hi = (partner, hi) if ok else (lo, partner)
     return lo, hi, "ok", probes
 
 
@@ -136,17 +157,21 @@ def capacity_over_seeds(simulate_at: Callable[[float, int], Mapping], limits: Ma
                         floor_fraction: float = 0.02) -> list[SeedCapacity]:
     """Capacity per seed. ``simulate_at(qps, seed)`` returns the simulator's summary dict.
 
-    The first seed starts at ``guess_fraction`` of its saturation throughput and steps by
-    ``step``; later seeds start at the mean capacity found so far and step by ``reseed_step``
-    (seeds differ by a few percent, so their brackets close in two probes).
+    The saturation throughput (the ceiling) is measured on the first seed and shared: it is
+    the costliest probe, and seeds move it by a few percent; a later seed that reaches it
+    measures its own and continues to that. The first seed starts at
+    ``guess_fraction`` of it and steps by ``step``; later seeds start at the mean capacity found
+    so far and step by the smaller ``reseed_step``.
     """
     results: list[SeedCapacity] = []
+    ceiling = floor = 0.0
     for seed in seeds:
-        saturation = float(simulate_at(saturation_qps, seed)["throughput_rps"])
-        if not saturation > 0:
-            raise RuntimeError(f"seed {seed}: saturation probe completed no requests")
-        ceiling = round_qps(saturation)
-        floor = round_qps(ceiling * floor_fraction)
+        if not results:
+            saturation = float(simulate_at(saturation_qps, seed)["throughput_rps"])
+            if not saturation > 0:
+                raise RuntimeError(f"seed {seed}: saturation probe completed no requests")
+            ceiling = round_qps(saturation)
+            floor = round_qps(ceiling * floor_fraction)
         found = [r.capacity_qps for r in results if r.capacity_qps > 0]
         if results and not found:              # earlier seeds met nothing: confirm at the floor only
             guess, this_step = floor, step
@@ -154,10 +179,20 @@ def capacity_over_seeds(simulate_at: Callable[[float, int], Mapping], limits: Ma
             guess, this_step = sum(found) / len(found), reseed_step
         else:
             guess, this_step = ceiling * guess_fraction, step
-        lo, hi, status, probes = find_capacity(lambda q: violation(simulate_at(q, seed), limits),
-                                               guess, ceiling, floor, this_step, rel_tol)
+        check = lambda q: violation(simulate_at(q, seed), limits)  # noqa: E731
+        lo, hi, status, probes = find_capacity(check, guess, ceiling, floor, this_step, rel_tol)
+        seed_ceiling, extra = ceiling, 0 if results else 1
+        if status == "throughput_bound" and results:
+            # Capped by the first seed's saturation: this seed's own decides (its requests differ).
+            seed_ceiling = round_qps(float(simulate_at(saturation_qps, seed)["throughput_rps"]))
+            extra = 1
+            if seed_ceiling != ceiling:
+                lo, hi, status, more = find_capacity(check, min(ceiling, seed_ceiling),
+                                                     seed_ceiling, floor, reseed_step, rel_tol)
+                probes += more
         results.append(SeedCapacity(seed=seed, capacity_qps=lo, lo_qps=lo, hi_qps=hi,
-                                    saturation_qps=ceiling, status=status, num_probes=len(probes) + 1,
+                                    saturation_qps=seed_ceiling, status=status,
+                                    num_probes=len(probes) + extra,
                                     min_violation=min(v for _, v in probes), probes=probes))
     return results
 

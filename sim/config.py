@@ -64,6 +64,7 @@ class SimConf:
     op_quantile: str = "p50"          # estimator quantile used for operator times
     band: bool = False                # also run with p10 and p90 operator times; report a band
     gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int = 0  # >0: use this many KV blocks per replica (as vLLM's option)
     # Non-activation memory a serving engine holds besides weights/KV/activations (CUDA context,
     # cuBLAS/NCCL workspaces). A modelling allowance, not a measurement; set 0 for a CPU engine.
     reserved_gib: float = 1.0

@@ -48,6 +48,7 @@ class BatchCost:
         memo = _MEMOS.setdefault(op_times, ({}, {}))
         self._dec_memo, self._pre_memo = memo
         self._dec_const: dict[int, float] = {}
+        self._line = (0, 0, 0, 0.0, 0.0)   # (batch, cell lo, cell hi, intercept, slope)
 
     # --- attention on the memo grid -------------------------------------------------
     def _dec_point(self, b: int, kv: int) -> float:
@@ -87,13 +88,31 @@ class BatchCost:
 
     # --- whole batches --------------------------------------------------------------------
     def decode_us(self, num_decodes: int, kv_sum: int) -> float:
-        """Time of a decode-only iteration at pp=1 (the hot path; also used by fast-forward)."""
-        const = self._dec_const.get(num_decodes)
+        """Time of a decode-only iteration at pp=1 (the hot path, also of fast-forward).
+
+        Within one grid cell the interpolated time is linear in the mean KV length, so the
+        line's coefficients are kept until the batch size or the cell changes. The value is a
+        pure function of (num_decodes, kv_sum), whatever was cached before."""
+        x = kv_sum / num_decodes
+        line = self._line
+        if num_decodes == line[0] and line[1] <= x < line[2]:
+            return line[3] + line[4] * x
+        n, L, op = num_decodes, self.layers[0], self.op
+        const = self._dec_const.get(n)
         if const is None:
-            op, n, L = self.op, num_decodes, self.layers[0]
             const = self._dec_const[n] = (L * (op.layer_token_ops_us(n) + op.layer_allreduce_us(n))
                                           + op.lm_head_us(n) + self.cpu_iter_us + self.cpu_seq_us * n)
-        return const + self.layers[0] * self.decode_attention_us(num_decodes, kv_sum)
+        b0, b1, fb = _cell(n)
+        k0, k1, _ = _cell(x)
+        p = self._dec_point
+        s0 = (p(b0, k1) - p(b0, k0)) / (k1 - k0)
+        a, slope = p(b0, k0) - s0 * k0, s0
+        if fb:
+            s1 = (p(b1, k1) - p(b1, k0)) / (k1 - k0)
+            a = a * (1 - fb) + (p(b1, k0) - s1 * k0) * fb
+            slope = slope * (1 - fb) + s1 * fb
+        line = self._line = (n, k0, k1, const + L * a, L * slope)
+        return line[3] + line[4] * x
 
     def stage_us(self, num_tokens: int, prefills: list[tuple[int, int]], num_decodes: int,
                  decode_kv_sum: int, num_sampled: int) -> list[float]:

@@ -17,14 +17,18 @@ import numpy as np
 REQUEST_METRICS = ("ttft_s", "tpot_s", "itl_s", "e2e_s", "norm_e2e_s", "sched_delay_s")
 STATS = ("mean", "p50", "p90", "p99")
 COLUMNS = ("request_id", "replica", "arrived_at_s", "num_prefill_tokens", "num_decode_tokens",
-           "first_scheduled_s", "first_token_s", "completed_at_s", "num_preemptions")
+           "first_scheduled_s", "first_token_s", "completed_at_s", "num_preemptions", "num_generated_tokens")
 
 
 class LogHistogram:
-    """Weighted histogram of positive values on log-spaced bins (200 per decade, 1e-7..1e7 s)."""
+    """Weighted histogram of positive values on log-spaced bins (200 per decade, 1e-7..1e7 s).
+
+    ``add`` only appends to a buffer (the simulator's hot loop calls it); the buffer is binned
+    with numpy every 64k values, so memory stays fixed however long the run."""
 
     BINS_PER_DECADE = 200
     LO = -7.0
+    BUFFER = 1 << 16
 
     def __init__(self):
         self.counts = np.zeros(int(14 * self.BINS_PER_DECADE) + 2)
@@ -32,31 +36,43 @@ class LogHistogram:
         self.total = 0.0
         self.min = math.inf
         self.max = -math.inf
-        self._pending: dict[int, float] = {}
+        self._values = array("d")
+        self._weights = array("d")
 
     def add(self, x: float, weight: float = 1.0) -> None:
-        if x != x:  # NaN: not defined for this request (e.g. TPOT of one-token outputs)
-            return
-        i = int((math.log10(x) - self.LO) * self.BINS_PER_DECADE) + 1 if x > 1e-7 else 0
-        p = self._pending
-        p[i] = p.get(i, 0.0) + weight
-        self.count += weight
-        self.total += x * weight
-        if x < self.min:
-            self.min = x
-        if x > self.max:
-            self.max = x
-        if len(p) > 4096:
+        self._values.append(x)
+        self._weights.append(weight)
+        if len(self._values) >= self.BUFFER:
+            self._flush()
+
+    def add_many(self, values: list, weight: float = 1.0) -> None:
+        self._values.extend(values)
+        self._weights.extend([weight] * len(values))
+        if len(self._values) >= self.BUFFER:
             self._flush()
 
     def _flush(self) -> None:
-        if self._pending:
-            idx = np.fromiter(self._pending.keys(), dtype=np.int64)
-            w = np.fromiter(self._pending.values(), dtype=np.float64)
-            np.add.at(self.counts, np.clip(idx, 0, len(self.counts) - 1), w)
-            self._pending.clear()
+        if not len(self._values):
+            return
+        v = np.frombuffer(self._values, dtype=np.float64)
+        w = np.frombuffer(self._weights, dtype=np.float64)
+        ok = ~np.isnan(v)          # NaN: undefined for this request (TPOT of a 1-token output)
+        v, w = v[ok], w[ok]
+        if len(v):
+            with np.errstate(divide="ignore"):
+                idx = np.where(v > 1e-7, ((np.log10(np.maximum(v, 1e-300)) - self.LO)
+                                          * self.BINS_PER_DECADE).astype(np.int64) + 1, 0)
+            idx = np.clip(idx, 0, len(self.counts) - 1)
+            self.counts += np.bincount(idx, weights=w, minlength=len(self.counts))
+            self.count += float(w.sum())
+            self.total += float((v * w).sum())
+            self.min = min(self.min, float(v.min()))
+            self.max = max(self.max, float(v.max()))
+        self._values = array("d")
+        self._weights = array("d")
 
     def mean(self) -> float:
+        self._flush()
         return self.total / self.count if self.count else math.nan
 
     def quantile(self, q: float) -> float:
@@ -114,7 +130,8 @@ class Metrics:
             for name, v in (("request_id", r.id), ("replica", r.replica), ("arrived_at_s", r.arrival_s),
                             ("num_prefill_tokens", r.prompt), ("num_decode_tokens", r.output),
                             ("first_scheduled_s", r.first_sched_s), ("first_token_s", r.first_token_s),
-                            ("completed_at_s", now), ("num_preemptions", r.preemptions)):
+                            ("completed_at_s", now), ("num_preemptions", r.preemptions),
+                            ("num_generated_tokens", r.decoded)):
                 c[name].append(v)
 
     def requests_frame(self):
@@ -123,7 +140,8 @@ class Metrics:
             return None
         import pandas as pd
         df = pd.DataFrame({c: np.frombuffer(self.cols[c], dtype=np.float64) for c in COLUMNS})
-        for c in ("request_id", "replica", "num_prefill_tokens", "num_decode_tokens", "num_preemptions"):
+        for c in ("request_id", "replica", "num_prefill_tokens", "num_decode_tokens", "num_preemptions",
+                  "num_generated_tokens"):
             df[c] = df[c].astype(np.int64)
         df["ttft_s"] = df.first_token_s - df.arrived_at_s
         df["e2e_s"] = df.completed_at_s - df.arrived_at_s

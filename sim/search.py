@@ -32,7 +32,7 @@ import conf
 from conf import ConfigError, main_guard
 from sim.capacity import slo_limits
 from sim.config import register
-from sim.search_exec import Task, executor, simulate_summary
+from sim.search_exec import Task, check_fits, executor, simulate_summary
 from sim.search_report import describe, plot_pareto, rank
 from sim.search_space import config_hash, enumerate_space
 
@@ -137,13 +137,7 @@ class SearchOutcome:
     wall_s: float
 
 
-def default_fits(sim_cfg) -> None:
-    """Raise ConfigError when the candidate does not fit (the simulator's memory plan)."""
-    from sim.search_exec import check_fits
-    check_fits(sim_cfg)
-
-
-def run_search(cfg: DictConfig, simulate_fn=None, fits=default_fits) -> SearchOutcome:
+def run_search(cfg: DictConfig, simulate_fn=None, fits=check_fits) -> SearchOutcome:
     """Search the space of ``cfg.search`` under ``cfg.slo``; writes and returns the results."""
     start = time.perf_counter()
     register()
@@ -223,7 +217,11 @@ def summary_table(ranked: pd.DataFrame, rows: int = 15) -> str:
 
 
 def _main(cfg: DictConfig) -> None:
-    outcome = run_search(cfg)
+    try:
+        outcome = run_search(cfg)
+    except ConfigError as exc:     # raised inside Hydra's job: SystemExit passes without its log
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(summary_table(outcome.ranked))
     skipped = int((outcome.ranked["status"] == "skipped").sum())
     print(f"{len(outcome.ranked)} candidates ({skipped} skipped, reasons in ranked.csv); "

@@ -62,10 +62,10 @@ def run_task(task: Task, simulate_fn: SimulateFn) -> TaskResult:
         if key in task.cached:
             result.reused += 1
             return task.cached[key]
-        cfg = base.copy()
-        OmegaConf.update(cfg, task.qps_key, float(qps), force_add=True)
-        OmegaConf.update(cfg, task.seed_key, int(seed), force_add=True)
-        summary = {k: _plain(v) for k, v in dict(simulate_fn(cfg)).items()}
+        # Set in place: copying a DictConfig costs more than a small simulation.
+        OmegaConf.update(base, task.qps_key, float(qps), force_add=True)
+        OmegaConf.update(base, task.seed_key, int(seed), force_add=True)
+        summary = {k: _plain(v) for k, v in dict(simulate_fn(base)).items()}
         task.cached[key] = summary
         result.points.append({"qps": float(qps), "seed": int(seed), **summary})
         return summary
@@ -81,14 +81,32 @@ def run_task(task: Task, simulate_fn: SimulateFn) -> TaskResult:
 _OP_TIMES: dict = {}
 
 
-def simulate_summary(cfg) -> dict:
-    """Run the opcast simulator on a composed sim config; OpTimes are loaded once per process."""
-    import sim
-    from sim.search_sim import op_times_key, load_op_times_for
-    key = op_times_key(cfg)
+def op_times_for(cfg):
+    """The OpTimes of cfg's (hw, model, tp, quantile), loaded once per process."""
+    from conf import to_hw, to_model
+    from estimator.runtime import load_op_times
+    from sim.workload import resolve_data_dir
+    key = (OmegaConf.to_yaml(cfg.hw), OmegaConf.to_yaml(cfg.model), int(cfg.parallel.tp),
+           str(cfg.sim.op_quantile), str(cfg.sim.data_dir))
     if key not in _OP_TIMES:
-        _OP_TIMES[key] = load_op_times_for(cfg)
-    return dict(sim.simulate(cfg, op_times=_OP_TIMES[key]).summary)
+        _OP_TIMES[key] = load_op_times(to_hw(cfg.hw), to_model(cfg.model), int(cfg.parallel.tp),
+                                       quantile=str(cfg.sim.op_quantile),
+                                       data_dir=str(resolve_data_dir(cfg.sim.data_dir)))
+    return _OP_TIMES[key]
+
+
+def simulate_summary(cfg) -> dict:
+    """Run the opcast simulator on a composed sim config and return its summary."""
+    import sim
+    return dict(sim.simulate(cfg, op_times=op_times_for(cfg), outputs=False).summary)
+
+
+def check_fits(cfg) -> None:
+    """ConfigError with the simulator's reason when cfg's deployment cannot run (memory, shapes)."""
+    import sim
+    plan = sim.plan_for(cfg)
+    if not plan.fits:
+        raise ConfigError(plan.reason)
 
 
 # --- executors ------------------------------------------------------------------------------
@@ -115,11 +133,21 @@ def run_pool(tasks: Iterable[Task], simulate_fn: SimulateFn, workers: int = 2,
     pool = ProcessPoolExecutor(max_workers=max(1, workers), initializer=_init_worker,
                                initargs=(simulate_fn,))
     futures = [pool.submit(_pool_task, task) for task in tasks]
+    finished = False
     try:
         for future in as_completed(futures):
             yield future.result()
+        finished = True
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        if not finished:
+            # Interrupted (Ctrl-C, an error): stop our workers now instead of waiting for their
+            # current candidates; everything already yielded is in the points file.
+            workers_alive = list(getattr(pool, "_processes", {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for proc in workers_alive:
+                proc.terminate()
+        else:
+            pool.shutdown(wait=True)
 
 
 def _ray_task(task: Task, simulate_fn: SimulateFn) -> TaskResult:

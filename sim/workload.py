@@ -136,7 +136,8 @@ def _lengths(wl, rng: random.Random, trace_prefill, trace_decode, in_order: bool
 
 
 def requests(wl, seed: int, max_request_tokens: int, data_dir: str = "data") -> Iterator[tuple[float, int, int]]:
-    """Yield ``wl.num_requests`` (arrived_at_s, prefill_tokens, decode_tokens), arrival-ordered."""
+    """``wl.num_requests`` (arrived_at_s, prefill_tokens, decode_tokens), arrival-ordered, as a
+    lazy iterator; config and trace errors are raised here, before anything is generated."""
     validate(wl)
     trace_arrivals = trace_prefill = trace_decode = None
     if wl.lengths == "trace":
@@ -146,7 +147,11 @@ def requests(wl, seed: int, max_request_tokens: int, data_dir: str = "data") -> 
     arrival_rng, length_rng = random.Random(seed * 2 + 1), random.Random(seed * 2 + 2)
     arrivals = _arrival_times(wl, arrival_rng, trace_arrivals)
     lengths = _lengths(wl, length_rng, trace_prefill, trace_decode, in_order=wl.arrival == "trace")
-    for _ in range(wl.num_requests):
+    return _stream(wl.num_requests, arrivals, lengths, max_request_tokens)
+
+
+def _stream(num_requests, arrivals, lengths, max_request_tokens):
+    for _ in range(num_requests):
         t = next(arrivals)
         prefill, decode = next(lengths)
         prefill, decode = max(1, int(prefill)), max(1, int(decode))

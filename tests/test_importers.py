@@ -100,12 +100,14 @@ def test_aiconfigurator_attention_semantics(tmp_path):
     dec, pre = a[a.phase == "decode"], a[a.phase == "prefill"]
     assert len(dec) == len(gen) and len(pre) == len(ctx)
     r = gen.iloc[0]
-    hit = dec[(dec.batch_size == r.batch_size) & (dec.max_kv_len == r.isl + r.step)
-              & (dec.num_heads == r.num_heads) & (dec.num_kv_heads == r.num_key_value_heads)]
+    # decode: the kernel saw seq_len = step KV tokens (new token included), one query per sequence
+    hit = dec[(dec.batch_size == r.batch_size) & (dec.max_kv_len == r.step)
+              & (dec.num_heads == r.num_heads) & (dec.num_kv_heads == r.num_key_value_heads)
+              & (dec["dtype"] == r.kv_cache_dtype)]
     assert len(hit) == 1
     h = hit.iloc[0]
-    assert h.num_q_tokens == r.batch_size and h.num_kv_tokens == r.batch_size * (1 + r.step)
-    assert h.q_kv_product_sum == r.batch_size * (1 + r.step) and h.max_q_len == 1
+    assert h.num_q_tokens == r.batch_size and h.num_kv_tokens == r.batch_size * r.step
+    assert h.q_kv_product_sum == r.batch_size * r.step and h.max_q_len == 1
     assert h.time_us_mean == pytest.approx(r.latency * 1000) and np.isnan(h.time_us_median)
     assert (pre.q_kv_product_sum == pre.batch_size * pre.max_q_len ** 2).all()
     assert (pre.num_q_tokens == pre.num_kv_tokens).all()
@@ -159,9 +161,43 @@ def test_merge_is_idempotent_order_free_and_keeps_other_sources(tmp_path):
     # a row another tool (the opcast profiler) wrote survives an import
     own = gemm.iloc[:1].copy().assign(source="opcast", backend="torch-test")
     merged = pd.concat([tables.read(a / "a100" / "gemm.parquet"), own], ignore_index=True)
-    tables.write(merged, a / "a100" / "gemm.parquet", "gemm", tables.provenance(a / "a100" / "gemm.parquet"))
+    prov = {**tables.provenance(a / "a100" / "gemm.parquet"), "profiler": {"runs": 1}}
+    tables.write(merged, a / "a100" / "gemm.parquet", "gemm", prov)
     import_vidur(VIDUR, "a100", a)
     assert (tables.read(a / "a100" / "gemm.parquet").source == "opcast").sum() == 1
+    assert tables.provenance(a / "a100" / "gemm.parquet")["profiler"] == {"runs": 1}
+
+
+def test_single_file_import_replaces_only_its_scope(tmp_path):
+    import_vidur(VIDUR, "a100", tmp_path)
+    before = tables.read(tmp_path / "a100" / "gemm.parquet")
+    one = tmp_path / "one" / "meta-llama" / "Llama-2-70b-hf" / "mlp.csv"
+    one.parent.mkdir(parents=True)
+    src = pd.read_csv(MLP_70B)
+    src[src.num_tensor_parallel_workers == 8].to_csv(one, index=False)
+    import_vidur(one, "a100", tmp_path)                 # one model, fewer rows: replaces llama2-70b only
+    after = tables.read(tmp_path / "a100" / "gemm.parquet")
+    assert (after.model == "phi-2").sum() == (before.model == "phi-2").sum() > 0
+    assert set(after[after.model == "llama2-70b"].tp) == {8}
+    files = tables.provenance(tmp_path / "a100" / "gemm.parquet")["sources"]["vidur"]["files"]
+    assert sorted(f["model"] for f in files) == ["llama2-70b", "phi-2"]
+    import_aiconfigurator(AIC, "h100", tmp_path)
+    n = len(tables.read(tmp_path / "h100" / "gemm.parquet"))
+    import_aiconfigurator(AIC / "h100_sxm/gemm/vllm/0.14.0/gemm_perf.parquet", "h100", tmp_path)
+    assert len(tables.read(tmp_path / "h100" / "gemm.parquet")) == n
+
+
+def test_rows_without_a_median_are_skipped_not_invented(tmp_path):
+    root = tmp_path / "v"
+    csv = root / "meta-llama" / "Llama-2-70b-hf" / "mlp.csv"
+    csv.parent.mkdir(parents=True)
+    src = pd.read_csv(MLP_70B)
+    src.loc[0, "time_stats.attn_pre_proj.median"] = np.nan
+    src.to_csv(csv, index=False)
+    import_vidur(csv, "a100", tmp_path / "out")
+    g = tables.read(tmp_path / "out" / "a100" / "gemm.parquet")
+    assert (g.op == "qkv_proj").sum() == len(src) - 1 and (g.op == "o_proj").sum() == len(src)
+    assert g.time_us_median.notna().all()
 
 
 # ---------------------------------------------------------------- malformed input
@@ -217,6 +253,8 @@ def test_wrong_hw_and_unknown_inputs(tmp_path):
     shutil.copy(MLP_70B, odd)
     with pytest.raises(ConfigError, match="no opcast model card.*model=<name>"):
         import_vidur(odd, "a100", tmp_path / "out")
+    with pytest.raises(SourceFormatError, match="n_head=64 but model card llama2-7b has 32"):
+        import_vidur(odd, "a100", tmp_path / "out", model="llama2-7b")
     import_vidur(odd, "a100", tmp_path / "out", model="llama2-70b")   # the override names the card
     assert set(tables.read(tmp_path / "out/a100/gemm.parquet").model) == {"llama2-70b"}
 
@@ -237,13 +275,15 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
 
 def test_traces_convert_and_validate(tmp_path):
     out = import_trace(TRACES / "splitwise_conv.csv", "conv", tmp_path)
+    first = out.read_bytes()
+    assert import_trace(TRACES / "splitwise_conv.csv", "conv", tmp_path).read_bytes() == first
     df = pd.read_parquet(out)
     src = pd.read_csv(TRACES / "splitwise_conv.csv")
     assert list(df.columns) == ["arrived_at_s", "num_prefill_tokens", "num_decode_tokens"]
     assert df.arrived_at_s.dtype == np.float64 and df.num_decode_tokens.dtype == np.int64
     assert df.arrived_at_s.tolist() == src.arrived_at.tolist() and not df.isna().any().any()
     meta = tables.provenance(out)
-    assert "CC-BY" in meta["upstream_licence"] and meta["has_arrival_times"]
+    assert "CC-BY" in meta["licence"] and meta["has_arrival_times"] and meta["via"]["commit"] == "7d47513"
     arxiv = pd.read_parquet(import_trace(TRACES / "arxiv_summarization_stats_llama2_tokenizer_filtered_v2.csv",
                                          "arxiv", tmp_path))
     assert list(arxiv.columns) == ["num_prefill_tokens", "num_decode_tokens"]
@@ -274,7 +314,8 @@ def test_shipped_tables_regenerate_byte_for_byte(tmp_path):
     for rel, data in files_bytes(tmp_path).items():
         ours = shipped / rel
         assert ours.exists(), rel
-        if ours.read_bytes() == data:
+        if ours.read_bytes() == data or rel.startswith("traces/"):
+            assert ours.read_bytes() == data, f"data/{rel} differs: python -m profiler.import_all"
             continue
         # another tool's rows (e.g. the opcast profiler) may share the file: compare ours only
         fam = ours.stem

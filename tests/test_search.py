@@ -127,6 +127,19 @@ def test_capacity_is_capped_by_saturation_and_floored():
     assert (lo, status) == (0.0, "below_floor") and probes[-1][0] == 0.2
 
 
+def test_each_seed_is_capped_by_its_own_saturation():
+    rates = {0: 10.0, 1: 12.0, 2: 9.0}     # a loose SLO: only stability limits the capacity
+
+    def at(qps, seed):
+        rate = rates[seed]
+        return {"ttft_s_p90": 0.1 if qps <= rate else 100.0, "throughput_rps": min(qps, rate)}
+
+    seeds = capacity_over_seeds(at, {"ttft_s_p90": 1.0}, [0, 1, 2], saturation_qps=1e6)
+    assert (seeds[0].capacity_qps, seeds[0].status) == (10.0, "throughput_bound")
+    assert (seeds[1].capacity_qps, seeds[1].saturation_qps) == (12.0, 12.0)
+    assert 9 / 1.05 <= seeds[2].capacity_qps <= 9 and seeds[2].status == "ok"
+
+
 def test_capacity_over_seeds_matches_closed_form_and_ci_covers_it():
     limits = slo_limits({"ttft_p90_s": 2.0, "tbt_p99_s": 0.2})
     cfg = OmegaConf.create({"hw": {"name": "a100"}, "parallel": {"tp": 2, "pp": 1, "replicas": 2},
@@ -244,3 +257,33 @@ def test_bad_search_config_is_one_clear_error_line(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: search.rel_tol=2.0: must be in (0, 1)"
+
+
+def test_real_simulator_on_a_tiny_space(tmp_path):
+    """The real simulator: batching (max_num_seqs 32) must beat serving one request at a time,
+    a tp that does not divide the heads is skipped with the reason, and every capacity is a
+    probe that met the SLO with the next probe above it failing."""
+    cfg = search.compose([
+        "model=llama2-7b", "workload=fixed", "workload.prefill_tokens=256",
+        "workload.decode_tokens=32", "search.hw=[a100]", "search.tp=[1,3]", "search.pp=[1]",
+        "search.gpu_budget=3", "search.schedulers=[vllm]", "search.knobs.vllm.max_num_seqs=[1,32]",
+        "search.seeds=[0,1]", "search.num_requests=40", "search.rel_tol=0.1",
+        "search.executor=serial", "search.progress=false", "slo.ttft_p90_s=0.3",
+        "slo.tbt_p99_s=0.03", f"search.out_dir={tmp_path}"])
+    outcome = search.run_search(cfg)
+    ranked = outcome.ranked.set_index("config")
+    batched, serial = ranked.loc["a100 tp1 pp1 x3 vllm max_num_seqs=32"], \
+        ranked.loc["a100 tp1 pp1 x3 vllm max_num_seqs=1"]
+    assert outcome.ranked.iloc[0].config == "a100 tp1 pp1 x3 vllm max_num_seqs=32"
+    assert batched.capacity_qps_mean > 2 * serial.capacity_qps_mean > 0
+    assert "tp=3 does not divide" in ranked.loc["a100 tp3 pp1 x1 vllm max_num_seqs=32"].reason
+    points = outcome.points
+    capacity = pd.read_parquet(tmp_path / "capacity.parquet")
+    limits = slo_limits({"ttft_p90_s": 0.3, "tbt_p99_s": 0.03})
+    for row in capacity.itertuples():
+        mine = points[(points.config_hash == row.config_hash) & (points.seed == row.seed)]
+        at = mine[mine.qps == row.capacity_qps].iloc[0]
+        assert violation(at.to_dict(), limits) <= 1
+        if math.isfinite(row.hi_qps):
+            above = mine[mine.qps == row.hi_qps].iloc[0]
+            assert violation(above.to_dict(), limits) > 1 and row.hi_qps / row.capacity_qps <= 1.1

@@ -28,10 +28,11 @@ class Batch:
 class Blocks:
     """Paged KV cache of one replica: a free-block count and each request's ``blocks``."""
 
-    __slots__ = ("capacity", "free", "block_size", "watermark")
+    __slots__ = ("capacity", "free", "block_size", "watermark", "preemptions")
 
     def __init__(self, capacity: int, block_size: int, watermark: float):
         self.capacity, self.free, self.block_size = capacity, capacity, block_size
+        self.preemptions = 0
         self.watermark = int(watermark * capacity)
 
     def need(self, req, new_tokens: int) -> int:
@@ -67,6 +68,7 @@ def preempt(req, running: list, waiting: deque, blocks: Blocks) -> None:
     req.prefilled = 0
     req.kv = 0
     req.preemptions += 1
+    blocks.preemptions += 1
     waiting.appendleft(req)
 
 

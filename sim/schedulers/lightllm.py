@@ -17,6 +17,12 @@ def projected_peak_blocks(items: list[tuple[int, int]], block_size: int) -> int:
     return -(-peak // block_size)
 
 
+def future_kv(r) -> tuple[int, int]:
+    """(KV tokens once its pending prompt is in, tokens its decodes will still add)."""
+    left = r.prefill_target - r.prefilled
+    return r.kv + left, r.output - r.decoded - (1 if left > 0 else 0)
+
+
 class LightLLMScheduler:
     stable_decode = True
     chunked = False
@@ -26,14 +32,14 @@ class LightLLMScheduler:
 
     def schedule(self, now, running, waiting, blocks):
         if waiting:
-            items = [(r.kv, r.output - r.decoded) for r in running]
+            items = [future_kv(r) for r in running]
             budget, prefills = self.sc.max_tokens_per_batch, []
             while waiting and len(running) < self.sc.max_num_seqs:
                 r = waiting[0]
                 n = r.prefill_target - r.prefilled
                 if n > budget:
                     break
-                cand = items + [(n, r.output - r.decoded - 1)]
+                cand = items + [future_kv(r)]
                 nb = blocks.need(r, n)
                 if projected_peak_blocks(cand, blocks.block_size) > blocks.capacity or nb > blocks.free:
                     break

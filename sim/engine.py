@@ -1,0 +1,304 @@
+"""The event loop: arrivals, a global router, replicas with a scheduler, a KV block manager
+and pipeline stages; one event per batch (per pipeline stage hand-off at pp > 1).
+
+Steady decode stretches (``stable_decode`` schedulers, a decode-only batch of every running
+request, no preemption) run as one event covering k iterations, where k stops at the first
+iteration that ends at/after the next arrival, at the first request completion, or before the
+KV blocks for the next token run out. Each iteration's time is still computed one by one in
+the same order, so per-request results are bit-identical to ``sim.fast_forward=false``.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections import deque
+
+from sim.router import ROUTERS
+from sim.schedulers.common import Blocks
+
+ARRIVAL, DONE, STAGE_FREE, WAKE = 0, 1, 1, 2
+INF = math.inf
+
+
+class Request:
+    __slots__ = ("id", "arrival_s", "prompt", "output", "prefill_target", "prefilled", "decoded",
+                 "kv", "blocks", "first_sched_s", "first_token_s", "last_token_s", "preemptions",
+                 "busy", "replica", "done")
+
+    def __init__(self, rid: int, arrival_s: float, prompt: int, output: int):
+        self.id, self.arrival_s, self.prompt, self.output = rid, arrival_s, prompt, output
+        self.prefill_target, self.prefilled, self.decoded, self.kv, self.blocks = prompt, 0, 0, 0, 0
+        self.first_sched_s = self.first_token_s = self.last_token_s = -1.0
+        self.preemptions, self.busy, self.replica, self.done = 0, False, -1, False
+
+
+class Replica:
+    def __init__(self, idx: int, scheduler, blocks: Blocks, cost, pp: int):
+        self.idx, self.scheduler, self.blocks, self.cost, self.pp = idx, scheduler, blocks, cost, pp
+        self.running: list = []
+        self.waiting: deque = deque()
+        self.stage_free_at = [0.0] * pp
+        self.stage0_busy = False
+        self.in_flight = 0
+        self.wake_pending = False
+        self.outstanding = 0
+        self.kv_area = 0.0        # integral of used blocks over time
+        self.kv_changed_at = 0.0
+        self.peak_blocks = 0
+
+    def note_kv(self, now: float) -> None:
+        b = self.blocks
+        used = b.capacity - b.free
+        self.kv_area += used * (now - self.kv_changed_at)
+        self.kv_changed_at = now
+        if used > self.peak_blocks:
+            self.peak_blocks = used
+
+
+class Engine:
+    def __init__(self, replicas: list[Replica], router: str, seed: int, metrics, fast_forward: bool,
+                 trace: list | None = None, max_trace_events: int = 0, timeline: list | None = None):
+        self.replicas, self.metrics = replicas, metrics
+        self.route = ROUTERS[router]
+        self.router_rng, self.router_state = random.Random(seed * 2 + 3), [0]
+        self.fast_forward = fast_forward
+        self.trace, self.max_trace_events = trace, max_trace_events
+        self.timeline, self.timeline_stride, self._tick = timeline, 1, 0
+        self.heap: list = []
+        self.seq = 0
+        self.next_arrival_s = INF
+
+    # --- events ---------------------------------------------------------------------------
+    def push(self, t: float, kind: int, payload) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, kind, self.seq, payload))
+
+    def run(self, arrivals) -> float:
+        """Simulate the (arrival_s, prompt, output) stream to the end; returns the end time."""
+        arrivals = iter(arrivals)
+        rid = 0
+        nxt = next(arrivals, None)
+        if nxt is not None:
+            self.push(nxt[0], ARRIVAL, Request(0, *nxt))
+            self.next_arrival_s = nxt[0]
+        now = 0.0
+        heap, pop = self.heap, heapq.heappop
+        while heap:
+            now, kind, _, payload = pop(heap)
+            if kind == ARRIVAL:
+                rid += 1
+                nxt = next(arrivals, None)
+                if nxt is not None:
+                    if nxt[0] < now:
+                        raise ValueError("arrivals must be in time order")
+                    self.push(nxt[0], ARRIVAL, Request(rid, *nxt))
+                    self.next_arrival_s = nxt[0]
+                else:
+                    self.next_arrival_s = INF
+                replica = self.route(self.replicas, self.router_rng, self.router_state)
+                payload.replica = replica.idx
+                replica.outstanding += 1
+                replica.waiting.append(payload)
+                if not replica.stage0_busy and not replica.wake_pending:
+                    replica.wake_pending = True   # after every arrival at this instant
+                    self.push(now, WAKE, replica)
+            elif kind == WAKE:
+                payload.wake_pending = False
+                self.start(payload, now)
+            elif payload[0] == "free":
+                payload[1].stage0_busy = False
+                self.start(payload[1], now)
+            else:
+                _, replica, batch, steps, first_end = payload
+                self.finish(replica, batch, steps, first_end, now)
+                self.start(replica, now)
+        for r in self.replicas:
+            r.note_kv(now)
+        return now
+
+    # --- one replica ---------------------------------------------------------------------
+    def start(self, rep: Replica, now: float) -> None:
+        if rep.stage0_busy or rep.in_flight >= rep.pp or not (rep.waiting or rep.running):
+            return
+        preempted_before = rep.blocks.preemptions
+        rep.note_kv(now)
+        batch = rep.scheduler.schedule(now, rep.running, rep.waiting, rep.blocks)
+        rep.note_kv(now)
+        if batch is None:
+            return
+        m = self.metrics
+        decodes, prefills = batch.decodes, batch.prefills
+        for r, _ in prefills:
+            if r.first_sched_s < 0:
+                r.first_sched_s = now
+        steps, first_end = 1, 0.0
+        if rep.pp == 1 and not prefills:
+            b = len(decodes)
+            kv_sum, cap = 0, 1 << 62
+            for r in decodes:
+                kv_sum += r.kv
+                left = r.output - r.decoded
+                if left < cap:
+                    cap = left          # iterations until the first request finishes
+            cost = rep.cost
+            dt = cost.decode_us(b, kv_sum + b) * 1e-6
+            end = now + dt
+            m.iterations += 1
+            m.batch_size_sum += b
+            m.tokens += b
+            m.sampled += b
+            m.attn_pairs += kv_sum + b
+            m.kv_read_tokens += kv_sum + b
+            if self.trace is not None:
+                self._trace(rep, 0, now, dt, "decode", b, 0)
+            first_end = end
+            nxt_s = self.next_arrival_s
+            if (cap > 1 and end < nxt_s and self.fast_forward and b == len(rep.running)
+                    and rep.scheduler.stable_decode and rep.blocks.preemptions == preempted_before):
+                cap = self._block_cap(rep, decodes, cap)
+                tr, decode_us, dts = self.trace, cost.decode_us, []
+                while steps < cap and end < nxt_s:
+                    steps += 1
+                    dt = decode_us(b, kv_sum + steps * b) * 1e-6
+                    dts.append(dt)
+                    if tr is not None:
+                        self._trace(rep, 0, end, dt, "decode", b, 0)
+                    end += dt
+                m.hist["itl_s"].add_many(dts, b)
+                extra = steps - 1     # iterations 2..steps: tokens b each, KV read kv_sum + j*b
+                m.iterations += extra
+                m.batch_size_sum += b * extra
+                m.tokens += b * extra
+                m.sampled += b * extra
+                kv_read = extra * kv_sum + b * (steps * (steps + 1) // 2 - 1)
+                m.attn_pairs += kv_read
+                m.kv_read_tokens += kv_read
+                if steps > 1:
+                    blocks = rep.blocks
+                    bs = blocks.block_size
+                    for r in decodes:   # the blocks of iterations 2..steps, known to fit
+                        nb = -(-(r.kv + steps) // bs) - r.blocks
+                        if nb > 0:
+                            blocks.allocate(r, nb)
+                    rep.note_kv(now)
+            rep.stage0_busy = True
+            self.push(end, DONE, ("done", rep, batch, steps, first_end))
+            self._sample(rep, now, b)
+            return
+        num_tokens, pre, sampled, pairs = len(decodes), [], len(decodes), 0
+        for r, n in prefills:
+            kv_after = r.kv + n
+            pre.append((n, kv_after))
+            num_tokens += n
+            pairs += n * kv_after
+            if r.prefilled + n == r.prefill_target:
+                sampled += 1
+        kv_sum = 0
+        for r in decodes:
+            kv_sum += r.kv + 1
+        stage_us = rep.cost.stage_us(num_tokens, pre, len(decodes), kv_sum, sampled)
+        m.iterations += 1
+        m.batch_size_sum += len(prefills) + len(decodes)
+        m.tokens += num_tokens
+        m.sampled += sampled
+        m.attn_pairs += pairs + kv_sum
+        m.kv_read_tokens += kv_sum + sum(kv for _, kv in pre)
+        name = "mixed" if prefills and decodes else ("prefill" if prefills else "decode")
+        t = now
+        for s, us in enumerate(stage_us):
+            start = max(t, rep.stage_free_at[s])
+            t = start + us * 1e-6
+            rep.stage_free_at[s] = t
+            self._trace(rep, s, start, us * 1e-6, name, len(prefills) + len(decodes), num_tokens)
+            if s == 0 and rep.pp > 1:
+                self.push(t, STAGE_FREE, ("free", rep))
+        if rep.pp > 1:
+            for r, _ in prefills:
+                r.busy = True
+            for r in decodes:
+                r.busy = True
+            rep.in_flight += 1
+        rep.stage0_busy = True
+        self.push(t, DONE, ("done", rep, batch, 1, t))
+        self._sample(rep, now, len(prefills) + len(decodes))
+
+    def _block_cap(self, rep: Replica, decodes: list, cap: int) -> int:
+        """Most iterations (<= cap) whose extra KV blocks fit in the free ones."""
+        blocks = rep.blocks
+        bs, free = blocks.block_size, blocks.free
+        total = 0
+        for r in decodes:
+            nb = -(-(r.kv + cap) // bs) - r.blocks
+            if nb > 0:
+                total += nb
+        if total <= free:
+            return cap
+        lo, hi = 1, cap        # need(lo) fits (iteration 1 is allocated); need(hi) does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if sum(max(0, -(-(r.kv + mid) // bs) - r.blocks) for r in decodes) <= free:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def finish(self, rep: Replica, batch, steps: int, first_end: float, now: float) -> None:
+        m = self.metrics
+        completed = False
+        for r, n in batch.prefills:
+            r.prefilled += n
+            r.kv += n
+            r.busy = False
+            if r.prefilled == r.prefill_target:
+                if r.decoded == 0:
+                    r.first_token_s = now
+                else:
+                    m.add_itl(now - r.last_token_s)
+                r.decoded += 1
+                r.last_token_s = now
+                if r.decoded == r.output:
+                    r.done = completed = True
+        for r in batch.decodes:
+            m.add_itl(first_end - r.last_token_s)
+            r.decoded += steps
+            r.kv += steps
+            r.busy = False
+            r.last_token_s = now
+            if r.decoded == r.output:
+                r.done = completed = True
+        if rep.pp > 1:
+            rep.in_flight -= 1
+        else:
+            rep.stage0_busy = False
+        if completed:
+            rep.note_kv(now)
+            keep = []
+            for r in rep.running:
+                if r.done:
+                    rep.blocks.release(r)
+                    rep.outstanding -= 1
+                    m.complete(r, now)
+                else:
+                    keep.append(r)
+            rep.running[:] = keep
+
+    # --- optional records ----------------------------------------------------------------
+    def _trace(self, rep, stage, start_s, dur_s, name, batch_size, num_tokens) -> None:
+        tr = self.trace
+        if tr is not None and len(tr) < self.max_trace_events:
+            tr.append((rep.idx, stage, start_s, dur_s, name, batch_size, num_tokens))
+
+    def _sample(self, rep, now, batch_size) -> None:
+        tl = self.timeline
+        if tl is None:
+            return
+        self._tick += 1
+        if self._tick % self.timeline_stride:
+            return
+        b = rep.blocks
+        tl.append((now, rep.idx, (b.capacity - b.free) / b.capacity, batch_size, len(rep.running),
+                   len(rep.waiting)))
+        if len(tl) >= 20000:   # keep memory bounded: halve the resolution
+            del tl[1::2]
+            self.timeline_stride *= 2

@@ -1,0 +1,78 @@
+"""Simulate one serving deployment on a workload and report its latency and throughput.
+
+    python -m sim.run                      # Llama-2-7B on A100, vLLM v1, Splitwise conversation
+    python -m sim.run hw=h100 model=llama2-70b parallel.tp=4 scheduler=sarathi \
+        workload=splitwise_conv workload.qps=2 [sim.out_dir=DIR] [sim.band=true]
+
+Prints the summary table and writes requests.parquet, summary.json, timeline.parquet,
+cdf.png, timeseries.png and trace.json (Perfetto) to sim.out_dir (default: Hydra's run dir
+under outputs/sim/). ``sim.band=true`` repeats the run with the estimator's p10 and p90
+operator times and reports the band of the headline metrics.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig, open_dict
+
+from conf import ConfigError, main_guard, to_hw, to_model
+from sim.config import register
+from sim.core import SimResult, simulate
+
+BAND_METRICS = ("ttft_s_p50", "ttft_s_p90", "tpot_s_p50", "tpot_s_p90", "e2e_s_p50", "e2e_s_p90",
+                "throughput_tok_s")
+
+
+def run(cfg: DictConfig) -> SimResult:
+    """Simulate cfg (writing outputs to cfg.sim.out_dir when set); with sim.band, also the band."""
+    band = None
+    if cfg.sim.band:
+        from estimator.runtime import load_op_times
+        from sim.workload import resolve_data_dir
+        hw, model = to_hw(cfg.hw), to_model(cfg.model)
+        runs = {}
+        for q in ("p10", "p90"):
+            ot = load_op_times(hw, model, cfg.parallel.tp, quantile=q,
+                               data_dir=str(resolve_data_dir(cfg.sim.data_dir)))
+            runs[q] = simulate(cfg, op_times=ot, outputs=False).summary
+    result = simulate(cfg)
+    if cfg.sim.band:
+        band = {k: (runs["p10"][k], result.summary[k], runs["p90"][k]) for k in BAND_METRICS}
+        result.band = band
+        if cfg.sim.out_dir:   # rewrite summary.json with the band
+            from sim.outputs import write_outputs
+            write_outputs(result, cfg)
+    return result
+
+
+def _main(cfg: DictConfig) -> None:
+    try:
+        if not cfg.sim.out_dir:
+            from hydra.core.hydra_config import HydraConfig
+            with open_dict(cfg):
+                cfg.sim.out_dir = HydraConfig.get().runtime.output_dir
+        result = run(cfg)
+    except ConfigError as exc:      # raised inside Hydra's job: one line, as main_guard would
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    from sim.outputs import summary_table
+    s = result.summary
+    print(f"{cfg.model.name} on {cfg.hw.name} tp={cfg.parallel.tp} pp={cfg.parallel.pp} "
+          f"replicas={cfg.parallel.replicas}, scheduler {cfg.scheduler.name}, workload "
+          f"{cfg.workload.name} ({int(s['num_requests'])} requests, {cfg.workload.arrival} "
+          f"{cfg.workload.qps if cfg.workload.arrival in ('poisson', 'gamma') else ''}), "
+          f"KV {result.memory.num_blocks} blocks x {result.memory.block_size}, op times: {result.op_source}")
+    print(summary_table(s, result.band))
+    print(f"outputs in {cfg.sim.out_dir}")
+
+
+def main() -> None:
+    register()
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")   # let main_guard print Hydra errors in one line
+    main_guard(hydra.main(version_base="1.3", config_path="pkg://conf", config_name="sim")(_main))()
+
+
+if __name__ == "__main__":
+    main()
