@@ -44,8 +44,8 @@ def guess_family(path: Path, df: pd.DataFrame, family: str = "") -> str:
 
 def predict_table(df: pd.DataFrame, family: str, predictors: Predictors) -> pd.DataFrame:
     """``df`` with the prediction columns appended (roofline where the family is untrained)."""
-    if family in predictors.models:
-        pred = predictors.models[family].predict(df)
+    if family in predictors.trained:
+        pred = predictors.model(family).predict(df)
     else:
         from estimator.features import check_query
         check_query(df, family)

@@ -41,9 +41,16 @@ def files_sha256(paths: list[Path]) -> str:
 class Predictors:
     """The trained family models of one hw; ``predict`` falls back to roofline per family."""
 
-    def __init__(self, hw: HwConf, models: dict[str, FamilyModel], directory: Path | None):
-        self.hw, self.models, self.directory = hw, models, directory
-        self.fallback = [f for f in FAMILIES if f not in models]
+    def __init__(self, hw: HwConf, trained: list[str], directory: Path | None):
+        self.hw, self.trained, self.directory = hw, trained, directory
+        self.fallback = [f for f in FAMILIES if f not in trained]
+        self._models: dict[str, FamilyModel] = {}
+
+    def model(self, family: str) -> FamilyModel:
+        """The family's fitted model, read from disk on first use (a cached OpTimes needs none)."""
+        if family not in self._models:
+            self._models[family] = FamilyModel.load(self.directory, family)
+        return self._models[family]
 
     @classmethod
     def load(cls, hw: HwConf, data_dir: str | Path = "data", families=FAMILIES,
@@ -51,12 +58,12 @@ class Predictors:
         """All families trained for ``hw`` (in ``directory``, default data/estimators/<hw>);
         raises EstimatorError if none is, naming the hw that are."""
         d = Path(directory) if directory else estimators_dir(hw.name, data_dir)
-        models = {f: FamilyModel.load(d, f) for f in families if (d / f"{f}.ubj").is_file()}
-        if not models:
+        trained = [f for f in families if (d / f"{f}.ubj").is_file() and (d / f"{f}.json").is_file()]
+        if not trained:
             have = available_hw(data_dir)
             raise EstimatorError(f"no trained estimator for hw={hw.name} in {d}; trained: "
                                  f"{', '.join(have) or 'none'} (run python -m estimator.train hw={hw.name})")
-        return cls(hw, models, d)
+        return cls(hw, trained, d)
 
     def fingerprint(self) -> str:
         return files_sha256(model_files(self.directory)) if self.directory else "roofline"
@@ -64,8 +71,8 @@ class Predictors:
     def predict(self, family: str, df: pd.DataFrame, quantile: str = "p50") -> np.ndarray:
         if quantile not in QUANTILES:
             raise EstimatorError(f"quantile {quantile!r} is not one of {', '.join(QUANTILES)}")
-        if family in self.models:
-            return self.models[family].predict(df)[f"pred_time_us_{quantile}"].to_numpy(float)
+        if family in self.trained:
+            return self.model(family).predict(df)[f"pred_time_us_{quantile}"].to_numpy(float)
         from estimator.runtime import roofline_predict
         return roofline_predict(self.hw)(family, df)
 

@@ -85,5 +85,7 @@ def device_of(hw_device: str):
 
 
 def randn(shape, dtype, device, scale: float = 1.0):
+    """Normal values made directly in ``dtype`` (no fp32 copy: KV caches can fill a GPU)."""
     import torch
-    return torch.randn(shape, dtype=torch.float32, device=device).mul_(scale).to(dtype)
+    x = torch.randn(shape, dtype=dtype, device=device)
+    return x.mul_(scale) if scale != 1.0 else x

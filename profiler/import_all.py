@@ -1,6 +1,6 @@
 """Regenerate every shipped table under data/ from the reference measurements.
 
-    python -m profiler.import_all [reference=/work/shared/reference] [out=data]
+    python -m profiler.import_all [reference=../shared/reference] [out=data]
     python -m profiler.import_all summary [data]     # the tables in data/README.md
 
 Runs the Vidur and aiconfigurator importers for each hw they cover and the trace importer

@@ -88,7 +88,8 @@ def import_trace(path: Path, name: str, out_dir: Path) -> Path:
                      "sha256": imp.sha256(path)},
             **KNOWN.get(path.name, {}), "num_requests": len(out),
             "has_arrival_times": "arrived_at_s" in out.columns,
-            "units": "arrived_at_s seconds since the first request (source 'arrived_at', s); token counts",
+            "units": ("arrived_at_s: seconds since the first request (source 'arrived_at', s); "
+                      if "arrived_at_s" in out.columns else "no arrival times in the source; ") + "token counts",
             "importer": f"profiler.import_traces v{imp.IMPORTER_VERSION}"}
     fields = [pa.field(c, pa.float64() if c == "arrived_at_s" else pa.int64()) for c in out.columns]
     table = pa.Table.from_pandas(out, schema=pa.schema(fields), preserve_index=False)

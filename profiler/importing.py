@@ -183,6 +183,9 @@ def parse_cli(argv: Sequence[str], usage: str, keys: dict[str, str | None]) -> t
 def cli(main: Callable[[Sequence[str]], None]) -> Callable[[], None]:
     """Run ``main(sys.argv[1:])``; user mistakes end as one line on stderr and exit code 2."""
     def run() -> None:
+        if {"-h", "--help", "help"} & set(sys.argv[1:2]):
+            print(sys.modules[main.__module__].__doc__)
+            return
         try:
             main(sys.argv[1:])
         except ConfigError as exc:

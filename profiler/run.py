@@ -115,9 +115,12 @@ def build_kernel(setup: Setup, family: str, point: dict):
     raise ValueError(f"no kernel for elementwise op {op!r}")
 
 
+TORCH_ONLY_OPS = ("add", "embedding", "layernorm")   # engines (vLLM too) run these through torch
+
+
 def backend_of(setup: Setup, family: str, op: str) -> str:
     b = setup.backends[family]
-    return "torch" if family == "elementwise" and op in ("add", "embedding") else b
+    return "torch" if family == "elementwise" and op in TORCH_ONLY_OPS else b
 
 
 def common_columns(setup: Setup, family: str, op: str) -> dict:

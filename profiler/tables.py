@@ -88,6 +88,7 @@ def write(df: pd.DataFrame, path: str | Path, family: str, provenance: dict | No
     os.close(fd)
     try:
         pq.write_table(table, tmp, compression="zstd")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a data file should be readable like any other
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

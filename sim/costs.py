@@ -5,11 +5,13 @@ One iteration on one pipeline stage takes
 states (all but the last stage) + the LM head (last stage) + the CPU overhead (first stage:
 ``per_iteration_us + per_sequence_us * sequences``).
 
-Attention depends on every sequence's lengths, so asking the estimator per batch would cost
-milliseconds. Instead its answers are memoised on a grid (exact below 8, then 4 points per
-octave) and interpolated bilinearly: decode attention by (batch size, mean KV length) as Vidur
-does, prefill attention per chunk by (chunk tokens, KV length incl. the chunk). The memo hangs
-off the OpTimes object, so repeated simulations with one OpTimes (the search) stay warm.
+Prefill (and mixed) batches ask the estimator for their attention directly. Decode-only
+iterations are the hot loop (tens of thousands per simulation, several per event when
+fast-forwarding), so decode attention is read from a memo of the estimator's answers on a
+grid (exact below 8, then 4 points per octave) by (batch size, mean KV length), as Vidur does,
+interpolated bilinearly; within one grid cell that is a line in the mean KV length, kept
+until the batch size or the cell changes. The memo hangs off the OpTimes object, so
+repeated simulations with one OpTimes (the search) stay warm.
 """
 from __future__ import annotations
 
@@ -45,8 +47,10 @@ class BatchCost:
         self.pp = pp
         self.layers = stage_layers(model.num_layers, pp)
         self.cpu_iter_us, self.cpu_seq_us = cpu_per_iteration_us, cpu_per_sequence_us
-        memo = _MEMOS.setdefault(op_times, ({}, {}))
-        self._dec_memo, self._pre_memo = memo
+        try:
+            self._dec_memo = _MEMOS.setdefault(op_times, {})
+        except TypeError:          # an OpTimes that cannot be weakly referenced: memo per run
+            self._dec_memo = {}
         self._dec_const: dict[int, float] = {}
         self._line = (0, 0, 0, 0.0, 0.0)   # (batch, cell lo, cell hi, intercept, slope)
 
@@ -67,24 +71,6 @@ class BatchCost:
             return lo
         hi = p(b1, k0) + (p(b1, k1) - p(b1, k0)) * fk
         return lo + (hi - lo) * fb
-
-    def _pre_point(self, q: int, kv: int) -> float:
-        kv = max(kv, q)
-        v = self._pre_memo.get((q, kv))
-        if v is None:
-            v = self._pre_memo[(q, kv)] = self.op.layer_attention_us([q], [kv], ())
-        return v
-
-    def prefill_attention_us(self, q: int, kv: int) -> float:
-        """One layer's attention of a prefill chunk of q tokens whose KV (incl. the chunk) is kv."""
-        q0, q1, fq = _cell(q)
-        k0, k1, fk = _cell(kv)
-        p = self._pre_point
-        lo = p(q0, k0) + (p(q0, k1) - p(q0, k0)) * fk
-        if fq == 0.0:
-            return lo
-        hi = p(q1, k0) + (p(q1, k1) - p(q1, k0)) * fk
-        return lo + (hi - lo) * fq
 
     # --- whole batches --------------------------------------------------------------------
     def decode_us(self, num_decodes: int, kv_sum: int) -> float:
@@ -118,7 +104,7 @@ class BatchCost:
                  decode_kv_sum: int, num_sampled: int) -> list[float]:
         """Per-stage times of a batch: prefills as (chunk tokens, KV incl. chunk) pairs."""
         op = self.op
-        attn = sum(self.prefill_attention_us(q, kv) for q, kv in prefills)
+        attn = op.layer_attention_us([q for q, _ in prefills], [kv for _, kv in prefills], ()) if prefills else 0.0
         if num_decodes:
             attn += self.decode_attention_us(num_decodes, decode_kv_sum)
         per_layer = op.layer_token_ops_us(num_tokens) + op.layer_allreduce_us(num_tokens) + attn

@@ -259,14 +259,17 @@ class Engine:
                 r.last_token_s = now
                 if r.decoded == r.output:
                     r.done = completed = True
+        gaps = []
         for r in batch.decodes:
-            m.add_itl(first_end - r.last_token_s)
+            gaps.append(first_end - r.last_token_s)
             r.decoded += steps
             r.kv += steps
             r.busy = False
             r.last_token_s = now
             if r.decoded == r.output:
                 r.done = completed = True
+        if gaps:
+            m.hist["itl_s"].add_many(gaps)
         if rep.pp > 1:
             rep.in_flight -= 1
         else:

@@ -127,12 +127,16 @@ class Metrics:
             h["tpot_s"].add((now - r.first_token_s) / (r.output - 1))
         if self.keep:
             c = self.cols
-            for name, v in (("request_id", r.id), ("replica", r.replica), ("arrived_at_s", r.arrival_s),
-                            ("num_prefill_tokens", r.prompt), ("num_decode_tokens", r.output),
-                            ("first_scheduled_s", r.first_sched_s), ("first_token_s", r.first_token_s),
-                            ("completed_at_s", now), ("num_preemptions", r.preemptions),
-                            ("num_generated_tokens", r.decoded)):
-                c[name].append(v)
+            c["request_id"].append(r.id)
+            c["replica"].append(r.replica)
+            c["arrived_at_s"].append(r.arrival_s)
+            c["num_prefill_tokens"].append(r.prompt)
+            c["num_decode_tokens"].append(r.output)
+            c["first_scheduled_s"].append(r.first_sched_s)
+            c["first_token_s"].append(r.first_token_s)
+            c["completed_at_s"].append(now)
+            c["num_preemptions"].append(r.preemptions)
+            c["num_generated_tokens"].append(r.decoded)
 
     def requests_frame(self):
         """Per-request DataFrame sorted by request id (None when requests are not kept)."""

@@ -112,7 +112,7 @@ def write_atomic(df: pd.DataFrame, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def points_cache(points: pd.DataFrame, summary_keys=None) -> dict:
+def points_cache(points: pd.DataFrame) -> dict:
     """config_hash -> {(qps, seed): summary dict} from the points file."""
     cache: dict = {}
     if points.empty:
@@ -135,6 +135,7 @@ class SearchOutcome:
     simulated: int          # probes simulated in this run
     reused: int             # probes answered from the points file
     wall_s: float
+    probe_cpu_s: float      # CPU seconds the simulated probes took (wall_s includes waiting)
 
 
 def run_search(cfg: DictConfig, simulate_fn=None, fits=check_fits) -> SearchOutcome:
@@ -161,6 +162,8 @@ def run_search(cfg: DictConfig, simulate_fn=None, fits=check_fits) -> SearchOutc
     for i, (cand, sim_cfg) in enumerate(runnable):
         OmegaConf.update(sim_cfg, NUM_REQUESTS_KEY, opts.num_requests, force_add=True)
         key = config_hash(sim_cfg, volatile_keys=(QPS_KEY, SEED_KEY))
+        if any(key == k for _, k in keyed):        # a knob value listed twice
+            continue
         keyed.append((cand, key))
         tasks.append(Task(i, key, OmegaConf.to_container(sim_cfg, resolve=True), list(opts.seeds),
                           limits, capacity_params(opts), QPS_KEY, SEED_KEY,
@@ -168,7 +171,7 @@ def run_search(cfg: DictConfig, simulate_fn=None, fits=check_fits) -> SearchOutc
     ident = {key: dict(cand.columns(), model=str(cfg.model.name),
                        workload=str(cfg.workload.get("name", ""))) for cand, key in keyed}
 
-    results, simulated, reused = {}, 0, 0
+    results, simulated, reused, probe_cpu_s = {}, 0, 0, 0.0
     from tqdm import tqdm
     bar = tqdm(total=len(tasks), desc="search", unit="config", disable=not opts.progress,
                file=sys.stderr)
@@ -178,6 +181,7 @@ def run_search(cfg: DictConfig, simulate_fn=None, fits=check_fits) -> SearchOutc
             reused += res.reused
             if res.points:
                 simulated += len(res.points)
+                probe_cpu_s += sum(p.get("probe_cpu_s", 0.0) for p in res.points)
                 new = pd.DataFrame([{"config_hash": res.config_hash, **ident[res.config_hash], **p}
                                     for p in res.points])
                 points = pd.concat([points, new], ignore_index=True) if len(points) else new
@@ -204,7 +208,7 @@ def run_search(cfg: DictConfig, simulate_fn=None, fits=check_fits) -> SearchOutc
     plot_pareto(ranked, opts.pareto_latency, out_dir / "pareto.png", title)
     message = describe(ranked, limits)
     return SearchOutcome(ranked, points, message, out_dir, simulated, reused,
-                         time.perf_counter() - start)
+                         time.perf_counter() - start, probe_cpu_s)
 
 
 def summary_table(ranked: pd.DataFrame, rows: int = 15) -> str:
@@ -225,8 +229,8 @@ def _main(cfg: DictConfig) -> None:
     print(summary_table(outcome.ranked))
     skipped = int((outcome.ranked["status"] == "skipped").sum())
     print(f"{len(outcome.ranked)} candidates ({skipped} skipped, reasons in ranked.csv); "
-          f"{outcome.simulated} probes simulated, {outcome.reused} reused; "
-          f"{outcome.wall_s:.1f} s; outputs in {outcome.out_dir}")
+          f"{outcome.simulated} probes simulated ({outcome.probe_cpu_s:.0f} CPU s), "
+          f"{outcome.reused} reused; {outcome.wall_s:.1f} s; outputs in {outcome.out_dir}")
     print(outcome.message)
 
 

@@ -9,6 +9,7 @@ operator tables per (hw, model, tp) in a module-level cache: loaded once per pro
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +66,9 @@ def run_task(task: Task, simulate_fn: SimulateFn) -> TaskResult:
         # Set in place: copying a DictConfig costs more than a small simulation.
         OmegaConf.update(base, task.qps_key, float(qps), force_add=True)
         OmegaConf.update(base, task.seed_key, int(seed), force_add=True)
+        cpu0 = time.process_time()
         summary = {k: _plain(v) for k, v in dict(simulate_fn(base)).items()}
+        summary["probe_cpu_s"] = time.process_time() - cpu0   # wall_s counts waiting for a core
         task.cached[key] = summary
         result.points.append({"qps": float(qps), "seed": int(seed), **summary})
         return summary

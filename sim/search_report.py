@@ -105,13 +105,16 @@ def plot_pareto(ranked: pd.DataFrame, latency_metric: str, path: Path, title: st
     if len(ok) and col in ok:
         x, y = ok[col].to_numpy(float), ok["requests_per_usd"].to_numpy(float)
         front = pareto_front(x, y)
-        for hw, group in ok.groupby("hw"):
-            ax.scatter(group[col], group["requests_per_usd"], label=hw, alpha=0.6, s=22)
+        markers = dict(zip(sorted(ok["scheduler"].unique()), "os^Dvp<>*"))
+        for (hw, sched), group in ok.groupby(["hw", "scheduler"]):
+            ax.scatter(group[col], group["requests_per_usd"], label=f"{hw} {sched}", alpha=0.6,
+                       s=22, marker=markers.get(sched, "o"),
+                       color=f"C{sorted(ok['hw'].unique()).index(hw)}")
         order = np.argsort(x[front])
         ax.plot(x[front][order], y[front][order], "k--", lw=1, label="Pareto front")
         for label, xi, yi in zip(ok["config"].to_numpy()[front], x[front], y[front]):
             ax.annotate(label, (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        ax.legend()
+        ax.legend(fontsize=7)
     else:
         ax.text(0.5, 0.5, "no config meets the SLO", ha="center", transform=ax.transAxes)
     ax.set_xlabel(f"{latency_metric} at capacity (s)")

@@ -36,7 +36,8 @@ class Candidate:
     @property
     def label(self) -> str:
         knobs = " ".join(f"{k}={v}" for k, v in self.knobs)
-        return f"{self.hw} tp{self.tp} pp{self.pp} x{self.replicas} {self.scheduler} {knobs}".strip()
+        replicas = f"x{self.replicas}" if self.replicas else "x-"   # x- : tp*pp misses the budget
+        return f"{self.hw} tp{self.tp} pp{self.pp} {replicas} {self.scheduler} {knobs}".strip()
 
     def columns(self) -> dict:
         return dict(config=self.label, hw=self.hw, tp=self.tp, pp=self.pp, replicas=self.replicas,

@@ -111,6 +111,23 @@ def test_resume_skips_measured_points_and_completes_partial_runs(tmp_path, profi
     assert tables.provenance(tmp_path / "gemm.parquet")["previous_runs"]
 
 
+def test_interrupted_run_keeps_what_it_measured(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    from profiler import run as run_mod
+    real, calls = run_mod.measure, []
+
+    def measure(setup, family, point):
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        calls.append(point)
+        return real(setup, family, point)
+    monkeypatch.setattr(run_mod, "measure", measure)
+    with pytest.raises(KeyboardInterrupt):
+        run_mod.run(_cfg(tmp_path, "profile.families=[elementwise]", "profile.flush_every_points=1000"))
+    assert len(tables.read(tmp_path / "elementwise.parquet")) == 5
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
 def test_out_of_memory_is_a_row_not_a_crash(tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
     from profiler import run as run_mod

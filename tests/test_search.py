@@ -191,7 +191,7 @@ def test_search_on_tiny_space_finds_the_known_best_config(tmp_path):
     # Skipped configs are listed with the reason.
     reasons = outcome.ranked.set_index("config").reason
     assert "does not fit" in reasons["a100 tp1 pp1 x4 vllm max_num_seqs=64"]
-    assert "does not divide the 4-GPU budget" in reasons["h100 tp1 pp3 x0 vllm max_num_seqs=256"]
+    assert "does not divide the 4-GPU budget" in reasons["h100 tp1 pp3 x- vllm max_num_seqs=256"]
     for name in ("points.parquet", "ranked.parquet", "ranked.csv", "capacity.parquet", "pareto.png"):
         assert (tmp_path / name).stat().st_size > 0
     points = pd.read_parquet(tmp_path / "points.parquet")
@@ -239,9 +239,11 @@ def test_interrupted_search_resumes_without_resimulating_stored_points(tmp_path)
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed")
 def test_ray_executor_gives_the_process_pool_answer(tmp_path):
-    pooled = search.run_search(tiny_cfg(tmp_path / "pool", "search.executor=serial"),
+    pooled = search.run_search(tiny_cfg(tmp_path / "pool", "search.executor=process",
+                                        "search.hw=[h100]"),
                                simulate_fn=synthetic_sim, fits=synthetic_fits)
-    rayed = search.run_search(tiny_cfg(tmp_path / "ray", "search.executor=ray", "search.workers=2"),
+    rayed = search.run_search(tiny_cfg(tmp_path / "ray", "search.executor=ray", "search.workers=2",
+                                       "search.hw=[h100]"),
                               simulate_fn=synthetic_sim, fits=synthetic_fits)
     cols = ["config", "status", "capacity_qps_mean"]
     pd.testing.assert_frame_equal(rayed.ranked[cols], pooled.ranked[cols])

