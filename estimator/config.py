@@ -16,9 +16,9 @@ from profiler.tables import FAMILIES
 @dataclass
 class XgbConf:
     """Booster settings of the p50 model (squared error on log(measured / roofline))."""
-    num_rounds: int = 300
-    max_depth: int = 7
-    learning_rate: float = 0.1
+    num_rounds: int = 150
+    max_depth: int = 6
+    learning_rate: float = 0.15
     min_child_weight: float = 1.0
     reg_lambda: float = 1.0
     max_bin: int = 256
@@ -27,7 +27,7 @@ class XgbConf:
 @dataclass
 class QuantileConf:
     """p10/p90: a small quantile booster on cross-fitted residuals of the p50 model."""
-    folds: int = 3
+    folds: int = 2
     num_rounds: int = 60
     max_depth: int = 4
     learning_rate: float = 0.2
@@ -49,6 +49,9 @@ class TrainConf:
     families: list[str] = field(default_factory=lambda: list(FAMILIES))
     # Sources in order of preference for the simulator's queries (see estimator/README section).
     prefer_sources: list[str] = field(default_factory=lambda: ["opcast", "vidur", "aiconfigurator"])
+    # serve: train each family only on rows of its serving source (mixing harnesses, e.g. eager
+    # torch vs CUDA-graph vLLM timings, raised held-out error); all: every source, coded as a feature.
+    train_sources: str = "serve"
     dtypes: list[str] = field(default_factory=lambda: ["float16", "bfloat16"])
     max_rows: int = 0               # >0: deterministic subsample per family (tests, quick looks)
     seed: int = 0

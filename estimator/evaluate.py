@@ -34,6 +34,7 @@ def kfold(df: pd.DataFrame, family: str, hw: HwConf, cfg) -> tuple[dict, pd.Data
     for test in folds(len(df), k, cfg.seed):
         train = np.setdiff1d(np.arange(len(df)), test)
         model = FamilyModel.fit(df.iloc[train], family, hw, cfg, meta={"serve": {}})
+        model.quiet = True
         out = model.predict(df.iloc[test])
         pred.iloc[test] = out[pred.columns].to_numpy()
     measured = measured_us(df)
@@ -55,6 +56,7 @@ def leave_one_model_out(df: pd.DataFrame, family: str, hw: HwConf, cfg) -> dict:
     for name in models:
         test = (named == name).to_numpy()
         model = FamilyModel.fit(df[~test], family, hw, p50_only, meta={"serve": {}})
+        model.quiet = True
         rows = df[test]
         err = ape(model.predict(rows)["pred_time_us"].to_numpy(float), measured_us(rows))
         per_model[name] = _summary(err)

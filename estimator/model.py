@@ -85,6 +85,14 @@ class FamilyModel:
 
     def __init__(self, family: str, hw: HwConf, p50: xgb.Booster, band: xgb.Booster | None, meta: dict):
         self.family, self.hw, self.p50, self.band, self.meta = family, hw, p50, band, meta
+        self.quiet = False  # evaluation folds predict outside their training range on purpose
+        self._warned: set[tuple] = set()
+
+    def _warn_once(self, key: tuple, msg: str) -> None:
+        """Each loaded model warns about a kind of query once per run (not once per call)."""
+        if not self.quiet and key not in self._warned:
+            self._warned.add(key)
+            log.warning(msg)
 
     # --- fitting ----------------------------------------------------------------------
     @classmethod
@@ -134,7 +142,7 @@ class FamilyModel:
         for c in F.CATEGORICAL[self.family]:
             unknown = set(df[c].astype(str)) - set(self.meta["vocab"].get(c, []))
             if unknown:
-                warn_once((self.family, c, tuple(sorted(unknown))),
+                self._warn_once((c, tuple(sorted(unknown))),
                           f"{self.family}: {c} value(s) {sorted(unknown)} were never trained on "
                           f"(known: {self.meta['vocab'].get(c)}); predicting without that feature")
         return df
@@ -146,7 +154,7 @@ class FamilyModel:
             if (v < lo).any() or (v > hi).any():
                 outside.append(f"{c} [{v.min():g}, {v.max():g}] vs trained [{lo:g}, {hi:g}]")
         if outside:
-            warn_once((self.family, "range"), f"{self.family} ({self.hw.name}): queries outside the profiled "
+            self._warn_once(("range",), f"{self.family} ({self.hw.name}): queries outside the profiled "
                       f"range, predictions there follow the roofline prior: {'; '.join(outside)}")
 
     # --- files --------------------------------------------------------------------------

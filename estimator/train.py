@@ -67,6 +67,8 @@ def run(cfg: DictConfig) -> dict:
     hw = conf.to_hw(cfg.hw)
     profiles = Path(cfg.profiles_dir or Path(cfg.data_dir) / "profiles" / hw.name)
     out = Path(cfg.out_dir or Path(cfg.data_dir) / "estimators" / hw.name)
+    if cfg.train_sources not in ("serve", "all"):
+        raise ConfigError(f"train_sources={cfg.train_sources!r}; choose serve or all")
     unknown = [f for f in cfg.families if f not in tables.FAMILIES]
     if unknown:
         raise ConfigError(f"unknown families {unknown}; choose from {', '.join(tables.FAMILIES)}")
@@ -77,7 +79,7 @@ def run(cfg: DictConfig) -> dict:
     settings.pop("hw", None)
     report = {"hw": hw.name, "profiles_dir": str(profiles), "families": {},
               "versions": {"xgboost": xgb.__version__, "pandas": pd.__version__, "python": platform.python_version()},
-              "settings": {k: settings[k] for k in ("prefer_sources", "dtypes", "max_rows", "seed", "nthread",
+              "settings": {k: settings[k] for k in ("prefer_sources", "train_sources", "dtypes", "max_rows", "seed", "nthread",
                                                     "xgb", "quantile", "eval")}}
     oof = {}
     for family in tqdm(list(cfg.families), desc=f"train {hw.name}", unit="family"):
@@ -95,6 +97,9 @@ def run(cfg: DictConfig) -> dict:
             _remove_model(out, family)
             continue
         serve = serving_context(df, cfg.prefer_sources, family)
+        if cfg.train_sources == "serve":
+            df = df[df["source"].astype(str) == serve["source"]].reset_index(drop=True)
+            entry["note"] += f"; {len(df)} rows of serving source {serve['source']} train"
         meta = {"serve": serve, "data_sha256": file_sha256(path), "data_path": str(path),
                 "sources": df["source"].value_counts().sort_index().to_dict(),
                 "settings": report["settings"]}

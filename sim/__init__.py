@@ -15,14 +15,19 @@ API (what ``python -m sim.run`` and the search build on)::
   ...")`` when the model does not fit at that tp/pp, and ConfigError for other bad input.
 - ``SimResult.summary`` keys: ``<metric>_<stat>`` for metric in ttft_s, tpot_s, itl_s, e2e_s,
   norm_e2e_s, sched_delay_s and stat in mean, p50, p90, p99; throughput_rps,
-  throughput_tok_s (output tokens/s), num_requests, num_preemptions, num_iterations, mfu, mbu,
-  kv_util_mean, kv_util_peak, batch_size_mean, sim_time_s (simulated end time), wall_s.
+  throughput_tok_s (output tokens/s), num_requests, num_preemptions, num_iterations, mfu, mbu
+  (whole deployment over the simulated time), kv_util_mean (time-weighted), kv_util_peak,
+  batch_size_mean (per iteration), sim_time_s (simulated end time), wall_s, loop_wall_s.
   ``.requests``: one row per request (ids, times, lengths, ttft_s, tpot_s, e2e_s, ...) when
   ``sim.keep_requests`` (default); ``.memory``: the MemoryPlan.
 - ``memory_plan(hw, model, tp, pp, block_size=16, gpu_memory_utilization=0.9, ...) ->
   MemoryPlan`` (``.fits``, ``.num_blocks``, ``.reason``) and ``plan_for(cfg)``: whether and how a
   deployment fits, without simulating - the search skips configs with ``.reason``.
 - ``SCHEDULERS`` (name -> class with ``schedule(now, running, waiting, blocks)``), ``ROUTERS``.
+
+Modules: engine (event loop, fast-forward of steady decodes), costs (batch time from OpTimes),
+memory (KV capacity), workload (arrivals, lengths, traces), metrics (streaming stats),
+outputs (parquet, plots, Perfetto), schedulers/ (one file per policy), run (CLI), bench.
 """
 from sim.config import compose, register
 from sim.core import SimResult, max_request_tokens, plan_for, simulate

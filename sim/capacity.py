@@ -198,14 +198,14 @@ def capacity_over_seeds(simulate_at: Callable[[float, int], Mapping], limits: Ma
 
 
 def mean_ci95(values) -> tuple[float, float, float]:
-    """Mean and the two-sided 95% Student-t interval of the mean (degenerate with one value)."""
+    """Mean and the two-sided 95% Student-t interval of the mean (NaN bounds for one value)."""
     xs = [float(v) for v in values]
     n = len(xs)
     if n == 0:
         return math.nan, math.nan, math.nan
     mean = sum(xs) / n
     if n == 1:
-        return mean, mean, mean
+        return mean, math.nan, math.nan
     sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
     t = _T975[n - 2] if n - 1 <= len(_T975) else 1.96
     half = t * sd / math.sqrt(n)

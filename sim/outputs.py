@@ -108,9 +108,9 @@ def plot(result, timeline, out: Path) -> dict[str, Path]:
     if len(timeline):
         fig, axes = plt.subplots(3, 1, figsize=(10, 7), sharex=True)
         for rep, g in timeline.groupby("replica"):
-            axes[0].plot(g.time_s, g.kv_util, lw=0.8, label=f"replica {rep}")
-            axes[1].plot(g.time_s, g.batch_size, lw=0.8)
-            axes[2].plot(g.time_s, g.num_waiting, lw=0.8)
+            axes[0].plot(g.time_s, g.kv_util, lw=0.8, drawstyle="steps-post", label=f"replica {rep}")
+            axes[1].plot(g.time_s, g.batch_size, lw=0.8, drawstyle="steps-post")
+            axes[2].plot(g.time_s, g.num_waiting, lw=0.8, drawstyle="steps-post")
         for ax, lab in zip(axes, ("KV cache used", "batch size", "waiting requests")):
             ax.set_ylabel(lab)
             ax.grid(alpha=0.3)

@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import hydra
 import pandas as pd
@@ -34,6 +34,7 @@ from sim.capacity import slo_limits
 from sim.config import register
 from sim.search_exec import Task, check_fits, executor, simulate_summary
 from sim.search_report import describe, plot_pareto, rank
+from sim.search_points import PointsStore, write_atomic
 from sim.search_space import config_hash, enumerate_space
 
 # Where one probe's rate, seed and request count live in the simulator's config.
@@ -64,6 +65,9 @@ class SearchConf:
     out_dir: str = "outputs/search"
     pareto_latency: str = "e2e_s_p90"
     progress: bool = True
+    # Candidates whose first-seed requests per USD is below this fraction of the best are not
+    # re-run on the other seeds (0 = every seed for every candidate).
+    screen_fraction: float = 0.5
 
 
 def compose(overrides=()) -> DictConfig:
@@ -87,6 +91,8 @@ def search_conf(node) -> SearchConf:
         raise ConfigError(f"search.rel_tol={opts.rel_tol}: must be in (0, 1)")
     if opts.step <= 1 or opts.reseed_step <= 1:
         raise ConfigError("search.step and search.reseed_step must be > 1")
+    if not 0 <= opts.screen_fraction <= 1:
+        raise ConfigError(f"search.screen_fraction={opts.screen_fraction}: must be in [0, 1]")
     if not 0 < opts.floor_fraction <= opts.guess_fraction <= 1:
         raise ConfigError("search: need 0 < floor_fraction <= guess_fraction <= 1")
     return opts
@@ -98,34 +104,6 @@ def capacity_params(opts: SearchConf) -> dict:
                 floor_fraction=opts.floor_fraction)
 
 
-# --- points file ---------------------------------------------------------------------------
-def load_points(path: Path) -> pd.DataFrame:
-    return pd.read_parquet(path) if path.exists() else pd.DataFrame()
-
-
-def write_atomic(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if path.suffix == ".csv":
-        df.to_csv(tmp, index=False)
-    else:
-        df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-
-
-def points_cache(points: pd.DataFrame) -> dict:
-    """config_hash -> {(qps, seed): summary dict} from the points file."""
-    cache: dict = {}
-    if points.empty:
-        return cache
-    meta = {"config_hash", "qps", "seed", "config", "hw", "tp", "pp", "replicas", "gpus",
-            "scheduler", "knobs", "model", "workload"}
-    metric_cols = [c for c in points.columns if c not in meta]
-    for row in points.to_dict("records"):
-        summary = {c: row[c] for c in metric_cols}
-        cache.setdefault(row["config_hash"], {})[(float(row["qps"]), int(row["seed"]))] = summary
-    return cache
-
-
 @dataclass
 class SearchOutcome:
     ranked: pd.DataFrame
@@ -133,13 +111,18 @@ class SearchOutcome:
     message: str
     out_dir: Path
     simulated: int          # probes simulated in this run
-    reused: int             # probes answered from the points file
+    reused: int             # probes answered from points stored before this run
     wall_s: float
     probe_cpu_s: float      # CPU seconds the simulated probes took (wall_s includes waiting)
 
 
 def run_search(cfg: DictConfig, simulate_fn=None, fits=check_fits) -> SearchOutcome:
-    """Search the space of ``cfg.search`` under ``cfg.slo``; writes and returns the results."""
+    """Search the space of ``cfg.search`` under ``cfg.slo``; writes and returns the results.
+
+    Two passes when ``search.screen_fraction`` > 0: every candidate on the first seed, then
+    the other seeds only for candidates within that fraction of the best requests per USD
+    (the rest keep a one-seed answer, marked by ``num_seeds`` in the table).
+    """
     start = time.perf_counter()
     register()
     opts = search_conf(cfg.search)
@@ -147,7 +130,6 @@ def run_search(cfg: DictConfig, simulate_fn=None, fits=check_fits) -> SearchOutc
     run = executor(opts.executor)
     out_dir = Path(opts.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    points_path = out_dir / "points.parquet"
 
     runnable, skipped = enumerate_space(cfg, fits=fits)
     prices = {}
@@ -156,45 +138,56 @@ def run_search(cfg: DictConfig, simulate_fn=None, fits=check_fits) -> SearchOutc
         if prices[cand.hw] <= 0:
             raise ConfigError(f"hw {cand.hw}: price_per_gpu_hour_usd is not set; the search "
                               f"ranks by cost (set hw.price_per_gpu_hour_usd)")
-    points = load_points(points_path)
-    cache = points_cache(points)
-    tasks, keyed = [], []
-    for i, (cand, sim_cfg) in enumerate(runnable):
+    store = PointsStore(out_dir / "points.parquet")
+    sim_cfgs, keyed = {}, []
+    for cand, sim_cfg in runnable:
         OmegaConf.update(sim_cfg, NUM_REQUESTS_KEY, opts.num_requests, force_add=True)
         key = config_hash(sim_cfg, volatile_keys=(QPS_KEY, SEED_KEY))
-        if any(key == k for _, k in keyed):        # a knob value listed twice
-            continue
-        keyed.append((cand, key))
-        tasks.append(Task(i, key, OmegaConf.to_container(sim_cfg, resolve=True), list(opts.seeds),
-                          limits, capacity_params(opts), QPS_KEY, SEED_KEY,
-                          cached=dict(cache.get(key, {}))))
+        if key not in sim_cfgs:                   # (a knob value listed twice)
+            sim_cfgs[key] = OmegaConf.to_container(sim_cfg, resolve=True)
+            keyed.append((cand, key))
     ident = {key: dict(cand.columns(), model=str(cfg.model.name),
                        workload=str(cfg.workload.get("name", ""))) for cand, key in keyed}
+    cost = {key: cand.gpus * prices[cand.hw] for cand, key in keyed}
 
-    results, simulated, reused, probe_cpu_s = {}, 0, 0, 0.0
+    def tasks(keys, seeds):
+        return [Task(i, key, sim_cfgs[key], list(seeds), limits, capacity_params(opts), QPS_KEY,
+                     SEED_KEY, cached=store.cached(key)) for i, key in enumerate(keys)]
+
+    seeds = list(opts.seeds)
+    screening = opts.screen_fraction > 0 and len(seeds) > 1
+    first = tasks([k for _, k in keyed], seeds[:1] if screening else seeds)
+    results, counts, reused = {}, {"simulated": 0, "cpu": 0.0}, set()
+    stored_before = {(k, *probe) for k, probes in store.cache.items() for probe in probes}
     from tqdm import tqdm
-    bar = tqdm(total=len(tasks), desc="search", unit="config", disable=not opts.progress,
+    bar = tqdm(total=len(first), desc="search", unit="config", disable=not opts.progress,
                file=sys.stderr)
-    try:
-        for res in run(tasks, simulate_fn or simulate_summary, opts.workers, opts.ray_address):
+
+    def run_all(batch):
+        for res in run(batch, simulate_fn or simulate_summary, opts.workers, opts.ray_address):
             results[res.config_hash] = res
-            reused += res.reused
-            if res.points:
-                simulated += len(res.points)
-                probe_cpu_s += sum(p.get("probe_cpu_s", 0.0) for p in res.points)
-                new = pd.DataFrame([{"config_hash": res.config_hash, **ident[res.config_hash], **p}
-                                    for p in res.points])
-                points = pd.concat([points, new], ignore_index=True) if len(points) else new
-                write_atomic(points, points_path)
-                for p in res.points:
-                    cache.setdefault(res.config_hash, {})[(p["qps"], p["seed"])] = \
-                        {k: v for k, v in p.items() if k not in ("qps", "seed")}
+            store.add(res.config_hash, ident[res.config_hash], res.points)
+            counts["simulated"] += len(res.points)
+            reused.update(p for p in ((res.config_hash, *q) for q in res.reused)
+                          if p in stored_before)
+            counts["cpu"] += sum(p.get("probe_cpu_s", 0.0) for p in res.points)
             bar.update(1)
-            bar.set_postfix(simulated=simulated, reused=reused)
+            bar.set_postfix(simulated=counts["simulated"], reused=len(reused))
+
+    try:
+        run_all(first)
+        if screening:
+            per_usd = {k: r.seeds[0].capacity_qps / cost[k] for k, r in results.items()
+                       if not r.error}
+            best = max(per_usd.values(), default=0.0)
+            again = [k for k, v in per_usd.items() if best > 0 and v >= opts.screen_fraction * best]
+            bar.total += len(again)
+            bar.refresh()
+            run_all(tasks(again, seeds))
     finally:
         bar.close()
 
-    ranked = rank(keyed, skipped, results, cache, limits, prices, (opts.pareto_latency,))
+    ranked = rank(keyed, skipped, results, store.cache, limits, prices, (opts.pareto_latency,))
     write_atomic(ranked, out_dir / "ranked.parquet")
     write_atomic(ranked, out_dir / "ranked.csv")
     capacity_rows = [dict(ident[key], config_hash=key, **{k: v for k, v in
@@ -206,9 +199,9 @@ def run_search(cfg: DictConfig, simulate_fn=None, fits=check_fits) -> SearchOutc
              f"{opts.gpu_budget}-GPU budget; SLO " + ", ".join(f"{k}<={v:g}s"
                                                                for k, v in limits.items()))
     plot_pareto(ranked, opts.pareto_latency, out_dir / "pareto.png", title)
-    message = describe(ranked, limits)
-    return SearchOutcome(ranked, points, message, out_dir, simulated, reused,
-                         time.perf_counter() - start, probe_cpu_s)
+    return SearchOutcome(ranked, store.frame, describe(ranked, limits), out_dir,
+                         counts["simulated"], len(reused), time.perf_counter() - start,
+                         counts["cpu"])
 
 
 def summary_table(ranked: pd.DataFrame, rows: int = 15) -> str:

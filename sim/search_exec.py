@@ -43,7 +43,7 @@ class TaskResult:
     config_hash: str
     seeds: list = field(default_factory=list)    # SeedCapacity per seed
     points: list = field(default_factory=list)   # new probes: {"qps", "seed", **summary}
-    reused: int = 0                              # probes answered from the points file
+    reused: list = field(default_factory=list)   # (qps, seed) answered from the cache
     error: str = ""                              # ConfigError text: the candidate cannot run
 
 
@@ -61,7 +61,7 @@ def run_task(task: Task, simulate_fn: SimulateFn) -> TaskResult:
     def simulate_at(qps: float, seed: int) -> dict:
         key = (float(qps), int(seed))
         if key in task.cached:
-            result.reused += 1
+            result.reused.append(key)
             return task.cached[key]
         # Set in place: copying a DictConfig costs more than a small simulation.
         OmegaConf.update(base, task.qps_key, float(qps), force_add=True)

@@ -23,6 +23,9 @@ def rank(candidates: list, skipped: list, results: dict, cache: dict, limits: di
          prices: dict, metrics: tuple) -> pd.DataFrame:
     """One row per candidate, best requests-per-dollar first.
 
+    Latency columns ``<metric>_at_capacity`` are averaged over the seeds' capacity probes; for
+    a candidate that met no SLO they are taken at its closest probe (``closest_qps``).
+
     candidates: [(Candidate, config_hash)]; results: config_hash -> TaskResult;
     cache: config_hash -> {(qps, seed): summary}; prices: hw -> USD per GPU-hour.
     """
@@ -40,13 +43,14 @@ def rank(candidates: list, skipped: list, results: dict, cache: dict, limits: di
         caps = [s.capacity_qps for s in res.seeds]
         mean, low, high = mean_ci95(caps)
         met = [s for s in res.seeds if s.capacity_qps > 0]
+        low = max(low, 0.0) if math.isfinite(low) else low     # capacity is never negative
         row.update(status="ok" if met else "no_qps_meets_slo", reason="" if met else
                    f"no probed QPS (down to {min(s.hi_qps for s in res.seeds):.4g}) met the SLO",
-                   capacity_qps_mean=mean, capacity_qps_ci95_low=max(low, 0.0),
+                   num_seeds=len(caps), capacity_qps_mean=mean, capacity_qps_ci95_low=low,
                    capacity_qps_ci95_high=high, capacity_qps_seeds=json.dumps(caps),
                    saturation_qps_mean=float(np.mean([s.saturation_qps for s in res.seeds])),
                    requests_per_usd=mean * 3600 / cost,
-                   requests_per_usd_ci95_low=max(low, 0.0) * 3600 / cost,
+                   requests_per_usd_ci95_low=low * 3600 / cost,
                    requests_per_usd_ci95_high=high * 3600 / cost,
                    slo_worst_ratio=min(s.min_violation for s in res.seeds),
                    num_probes=sum(s.num_probes for s in res.seeds),
@@ -135,8 +139,9 @@ def describe(ranked: pd.DataFrame, limits: dict, closest: int = 5) -> str:
     ok = ranked[ranked["status"] == "ok"] if len(ranked) else ranked
     if len(ok):
         b = ok.iloc[0]
-        return (f"best config: {b['config']}  capacity {b['capacity_qps_mean']:.3g} QPS "
-                f"(95% CI {b['capacity_qps_ci95_low']:.3g}-{b['capacity_qps_ci95_high']:.3g}), "
+        ci = (f"95% CI {b['capacity_qps_ci95_low']:.3g}-{b['capacity_qps_ci95_high']:.3g} over "
+              f"{b['num_seeds']} seeds" if b["num_seeds"] > 1 else "1 seed, no CI")
+        return (f"best config: {b['config']}  capacity {b['capacity_qps_mean']:.3g} QPS ({ci}), "
                 f"{b['requests_per_usd']:.4g} requests/USD at {b['cost_usd_per_hour']:.4g} USD/h "
                 f"[SLO: {slo}]")
     lines = [f"no config meets the SLO ({slo}); closest:"]

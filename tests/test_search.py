@@ -213,16 +213,16 @@ def test_impossible_slo_reports_no_config_and_the_closest(tmp_path):
 
 def test_interrupted_search_resumes_without_resimulating_stored_points(tmp_path):
     full = CountingSim()
-    reference = search.run_search(tiny_cfg(tmp_path / "ref", "search.executor=serial"),
+    reference = search.run_search(tiny_cfg(tmp_path / "ref", "search.executor=serial", "search.hw=[h100]"),
                                   simulate_fn=full, fits=synthetic_fits)
     killed = CountingSim(fail_after=len(full.calls) // 2)
     with pytest.raises(KeyboardInterrupt):
-        search.run_search(tiny_cfg(tmp_path / "run", "search.executor=serial"),
+        search.run_search(tiny_cfg(tmp_path / "run", "search.executor=serial", "search.hw=[h100]"),
                           simulate_fn=killed, fits=synthetic_fits)
     stored = pd.read_parquet(tmp_path / "run" / "points.parquet")
     assert 0 < len(stored) <= len(killed.calls)
     resumed = CountingSim()
-    outcome = search.run_search(tiny_cfg(tmp_path / "run", "search.executor=serial"),
+    outcome = search.run_search(tiny_cfg(tmp_path / "run", "search.executor=serial", "search.hw=[h100]"),
                                 simulate_fn=resumed, fits=synthetic_fits)
     stored_keys = {(r.hw, r.tp, r.pp, int(r.knobs.split(": ")[1][:-1]), r.qps, r.seed)
                    for r in stored.itertuples()}
@@ -232,7 +232,7 @@ def test_interrupted_search_resumes_without_resimulating_stored_points(tmp_path)
     pd.testing.assert_frame_equal(outcome.ranked[cols], reference.ranked[cols])
     # A third run simulates nothing at all.
     again = CountingSim()
-    search.run_search(tiny_cfg(tmp_path / "run", "search.executor=serial"), simulate_fn=again,
+    search.run_search(tiny_cfg(tmp_path / "run", "search.executor=serial", "search.hw=[h100]"), simulate_fn=again,
                       fits=synthetic_fits)
     assert again.calls == []
 

@@ -230,3 +230,31 @@ def test_band_runs_the_estimator_quantiles(monkeypatch, tmp_path):
     assert lo < mid < hi
     assert res.band["throughput_tok_s"][0] >= res.band["throughput_tok_s"][2]
     assert json.loads((tmp_path / "summary.json").read_text())["band"]["tpot_s_p50"] == [lo, mid, hi]
+
+
+@pytest.mark.parametrize("pp", [1, 2])
+def test_a_lone_prefill_takes_the_estimators_time(op_times, pp):
+    """TTFT of one request on an idle replica = layers x (token ops + all-reduce + attention)
+    per stage + send/recv between stages + LM head + CPU overhead, from OpTimes itself."""
+    cfg = sim.compose(["workload=fixed", "workload.num_requests=1", "workload.prefill_tokens=700",
+                       f"parallel.pp={pp}", "sim.cpu_overhead_per_iteration_us=500",
+                       "sim.cpu_overhead_per_sequence_us=7"])
+    res = sim.simulate(cfg, op_times=op_times)
+    ot, n = op_times, 700
+    per_layer = ot.layer_token_ops_us(n) + ot.layer_allreduce_us(n) + ot.layer_attention_us([n], [n], ())
+    layers = [32] if pp == 1 else [16, 16]
+    expected_us = sum(layers) * per_layer + ot.lm_head_us(1) + 500 + 7 + (pp - 1) * ot.send_recv_us(n)
+    assert res.requests.ttft_s[0] == pytest.approx(expected_us * 1e-6, rel=1e-9)
+
+
+def test_routers_spread_requests(op_times):
+    base = ["workload=fixed", "workload.num_requests=12", "workload.qps=1", "parallel.replicas=3"]
+    rr = sim.simulate(sim.compose(base + ["router=round_robin"]), op_times=op_times).requests
+    assert rr.replica.tolist() == [0, 1, 2] * 4
+    from types import SimpleNamespace
+    from sim.router import ROUTERS
+    reps = [SimpleNamespace(outstanding=n) for n in (3, 1, 2, 1)]
+    assert ROUTERS["least_outstanding"](reps, None, [0]) is reps[1]
+    rnd = [sim.simulate(sim.compose(base + ["router=random", f"seed={s}"]), op_times=op_times).requests.replica.tolist()
+           for s in (0, 0, 1)]
+    assert rnd[0] == rnd[1] and rnd[0] != rnd[2]

