@@ -51,7 +51,8 @@ def main() -> None:
     print(search.summary_table(ranked, rows=10))
     print(first.message)
     print(f"candidates: {len(ranked)} ({counts}); probes simulated: {first.simulated}, "
-          f"reused: {first.reused}; CPU per probe {first.probe_cpu_s / max(first.simulated, 1):.3f} s "
+          f"reused: {first.reused}; CPU per probe "
+          f"{first.probe_cpu_s / max(first.simulated, 1):.3f} s "
           f"(probes alone: {first.probe_cpu_s:.0f} CPU s)")
     print(f"full default search: wall {wall:.1f} s with {args.workers} workers "
           f"= {wall / TARGET_S:.2f} x the {TARGET_S:.0f} s target")

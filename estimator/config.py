@@ -55,7 +55,8 @@ class TrainConf:
     dtypes: list[str] = field(default_factory=lambda: ["float16", "bfloat16"])
     max_rows: int = 0               # >0: deterministic subsample per family (tests, quick looks)
     seed: int = 0
-    nthread: int = 2
+    # 1: OpenMP barriers on oversubscribed cores made 2 threads 10-40x slower here (measured)
+    nthread: int = 1
     evaluate: bool = True
     xgb: XgbConf = field(default_factory=XgbConf)
     quantile: QuantileConf = field(default_factory=QuantileConf)

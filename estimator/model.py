@@ -188,7 +188,7 @@ class FamilyModel:
             band.load_model(bytearray((d / f"{family}.q.ubj").read_bytes()))
         for b in (p50, band):
             if b is not None:
-                b.set_param({"nthread": 2})
+                b.set_param({"nthread": 1})  # see TrainConf.nthread
         return cls(family, HwConf(**meta["hw"]), p50, band, meta)
 
 

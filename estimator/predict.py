@@ -8,6 +8,7 @@ else from the file name (``gemm.parquet``), else from the columns. Rows without 
 from __future__ import annotations
 
 import logging
+import sys
 import os
 import tempfile
 from pathlib import Path
@@ -17,12 +18,13 @@ import pandas as pd
 from omegaconf import DictConfig
 
 import conf
-from conf import main_guard
+from conf import ConfigError, main_guard
 from estimator.config import register
 from estimator.features import SHAPE_COLUMNS, EstimatorError
 from estimator.model import QUANTILES, warn_once
 from estimator.predictors import Predictors
 from estimator.runtime import roofline_predict
+from profiler.tables import TableError
 
 register()
 
@@ -88,7 +90,13 @@ def run(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="predict")
 def _main(cfg: DictConfig) -> None:
-    run(cfg)
+    # Hydra reports exceptions of the task itself (exit 1, with a hint about tracebacks), so
+    # conf.main_guard never sees them: give the one-line error and exit 2 here.
+    try:
+        run(cfg)
+    except (ConfigError, TableError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 main = main_guard(_main)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 import platform
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from estimator.config import register
 from estimator.features import SHAPE_COLUMNS, measured_us
 from estimator.model import FamilyModel, _atomic_bytes, serving_context
 from profiler import tables
+from profiler.tables import TableError
 
 log = logging.getLogger("estimator")
 register()
@@ -160,7 +162,13 @@ def report_markdown(report: dict) -> str:
 
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="train")
 def _main(cfg: DictConfig) -> None:
-    run(cfg)
+    # Hydra reports exceptions of the task itself (exit 1, with a hint about tracebacks), so
+    # conf.main_guard never sees them: give the one-line error and exit 2 here.
+    try:
+        run(cfg)
+    except (ConfigError, TableError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 main = main_guard(_main)

@@ -54,8 +54,9 @@ def main(argv: list[str]) -> None:
     model = conf.to_model(big.model)
     gpu_pts = grid.build(model, grid.tp_degrees(model, list(big.profile.tp), DEFAULT_TP),
                          grid.axes(big.profile, "cuda"), list(big.profile.families), 16)
+    total = sum(map(len, gpu_pts.values()))
     print("default GPU grid for hw=h100 model=llama2-70b: "
-          + ", ".join(f"{f}={len(p)}" for f, p in gpu_pts.items()) + f" points (total {sum(map(len, gpu_pts.values()))})")
+          + ", ".join(f"{f}={len(p)}" for f, p in gpu_pts.items()) + f" points (total {total})")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,8 @@ def plan(cfg) -> dict:
             "threads": hw.threads, "dtype": p.dtype or model.dtype, "ops": list(p.collective_ops),
             "sizes": sorted(set(sizes)), "warmup": int(p.warmup), "repeats": int(p.repeats),
             "min_repeats": int(p.min_repeats), "max_s": float(p.max_seconds_per_point),
-            "out_dir": str(cfg.out_dir), "progress": bool(p.progress), "max_points": int(p.max_points),
+            "out_dir": str(cfg.out_dir), "resume": bool(p.resume), "progress": bool(p.progress),
+            "max_points": int(p.max_points),
             "config": OmegaConf.to_container(cfg, resolve=True)}
 
 
@@ -163,7 +164,10 @@ def _todo(job: dict, store: dict) -> list[tuple[str, int]]:
 
 def _store(job: dict) -> dict:
     path = Path(job["out_dir"]) / "collective.parquet"
-    df = tables.read(path, "collective") if path.exists() else tables.schema("collective").empty_table().to_pandas()
+    if path.exists() and job["resume"]:
+        df = tables.read(path, "collective")
+    else:
+        df = tables.schema("collective").empty_table().to_pandas()
     return {"path": path, "old": df, "done": {_key(r) for r in df.to_dict("records")}, "rows": []}
 
 

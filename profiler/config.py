@@ -59,6 +59,7 @@ class ProfileConf:
     max_seconds_per_point: float = 1.0  # ... once it has min_repeats samples
     l2_flush: bool = True             # GPU only; CPU rows are always l2_policy=hot
     cuda_graph: bool = False
+    resume: bool = True               # false: ignore (and replace) the rows already in out_dir
     max_points: int = 0               # stop after this many new measurements (0 = all)
     flush_every_points: int = 50
     flush_every_s: float = 30.0

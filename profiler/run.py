@@ -164,20 +164,22 @@ def key(row: dict, family: str) -> tuple:
 class Store:
     """The output tables of one run: existing rows + new ones, flushed atomically."""
 
-    def __init__(self, out_dir: Path, families, provenance: dict):
+    def __init__(self, out_dir: Path, families, provenance: dict, resume: bool = True):
         self.out_dir, self.provenance = out_dir, provenance
         self.frames: dict[str, pd.DataFrame] = {}
         self.new: dict[str, list[dict]] = {f: [] for f in families}
         self.done: dict[str, set] = {}
         for f in families:
             path = out_dir / f"{f}.parquet"
+            exists = resume and path.exists()     # without resume the first flush replaces the table
             try:
-                df = tables.read(path, f) if path.exists() else tables.schema(f).empty_table().to_pandas()
+                df = tables.read(path, f) if exists else tables.schema(f).empty_table().to_pandas()
             except (tables.TableError, OSError, ValueError) as exc:
-                raise ConfigError(f"cannot resume from {path}: {exc}; move it away or pick another out_dir") from None
+                raise ConfigError(f"cannot resume from {path}: {exc}; move it away or set profile.resume=false") \
+                    from None
             self.frames[f] = df
             self.done[f] = {key(r, f) for r in df.to_dict("records")}
-            if path.exists():
+            if exists:
                 prev = tables.provenance(path)
                 runs = prev.pop("previous_runs", [])
                 prev.pop("config", None)
@@ -207,7 +209,7 @@ def run(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.out_dir)
     provenance = collect(setup.device, setup.threads, OmegaConf.to_container(cfg, resolve=True))
     provenance.update(model=setup.model.name, backends=setup.backends, tp=setup.tps)
-    store = Store(out_dir, list(setup.points), provenance)
+    store = Store(out_dir, list(setup.points), provenance, resume=bool(setup.pcfg.resume))
     todo = [(f, pt) for f, pts in setup.points.items() for pt in pts
             if key({**pt, **common_columns(setup, f, pt["op"])}, f) not in store.done[f]]
     random.Random(int(setup.pcfg.seed)).shuffle(todo)   # spreads drift (thermal, neighbours) over shapes

@@ -32,7 +32,7 @@ _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
 
 
 def slo_limits(slo: Mapping) -> dict[str, float]:
-    """Simulator summary key -> limit in seconds, e.g. ``{"ttft_p90_s": 2}`` -> ``{"ttft_s_p90": 2.0}``.
+    """Simulator summary key -> limit (s): ``{"ttft_p90_s": 2}`` -> ``{"ttft_s_p90": 2.0}``.
 
     Entries set to null are not checked. At least one limit must be set.
     """
@@ -173,7 +173,7 @@ def capacity_over_seeds(simulate_at: Callable[[float, int], Mapping], limits: Ma
             ceiling = round_qps(saturation)
             floor = round_qps(ceiling * floor_fraction)
         found = [r.capacity_qps for r in results if r.capacity_qps > 0]
-        if results and not found:              # earlier seeds met nothing: confirm at the floor only
+        if results and not found:              # earlier seeds met nothing: check the floor only
             guess, this_step = floor, step
         elif found:
             guess, this_step = sum(found) / len(found), reseed_step

@@ -68,6 +68,9 @@ class SearchConf:
     # Candidates whose first-seed requests per USD is below this fraction of the best are not
     # re-run on the other seeds (0 = every seed for every candidate).
     screen_fraction: float = 0.5
+    # Candidates whose saturation throughput per USD (an upper bound on what they can reach)
+    # is below this fraction of the best requests per USD found are not searched (0 = search all).
+    prune_fraction: float = 0.5
 
 
 def compose(overrides=()) -> DictConfig:
@@ -91,8 +94,9 @@ def search_conf(node) -> SearchConf:
         raise ConfigError(f"search.rel_tol={opts.rel_tol}: must be in (0, 1)")
     if opts.step <= 1 or opts.reseed_step <= 1:
         raise ConfigError("search.step and search.reseed_step must be > 1")
-    if not 0 <= opts.screen_fraction <= 1:
-        raise ConfigError(f"search.screen_fraction={opts.screen_fraction}: must be in [0, 1]")
+    for name in ("screen_fraction", "prune_fraction"):
+        if not 0 <= getattr(opts, name) <= 1:
+            raise ConfigError(f"search.{name}={getattr(opts, name)}: must be in [0, 1]")
     if not 0 < opts.floor_fraction <= opts.guess_fraction <= 1:
         raise ConfigError("search: need 0 < floor_fraction <= guess_fraction <= 1")
     return opts
@@ -119,9 +123,13 @@ class SearchOutcome:
 def run_search(cfg: DictConfig, simulate_fn=None, fits=check_fits) -> SearchOutcome:
     """Search the space of ``cfg.search`` under ``cfg.slo``; writes and returns the results.
 
-    Two passes when ``search.screen_fraction`` > 0: every candidate on the first seed, then
-    the other seeds only for candidates within that fraction of the best requests per USD
-    (the rest keep a one-seed answer, marked by ``num_seeds`` in the table).
+    Passes: (1) with ``search.prune_fraction`` > 0, each candidate's saturation throughput
+    (first seed), an upper bound on its capacity; the few with the highest bound per USD are
+    searched first, and candidates whose bound is below prune_fraction x the best requests per
+    USD found are listed as "pruned" without a capacity. (2) The capacity of the others on the
+    first seed. (3) With ``search.screen_fraction`` > 0, the other seeds only for candidates
+    within that fraction of the best requests per USD; the rest keep a one-seed answer
+    (``num_seeds`` in the table). Both fractions 0: every seed for every candidate.
     """
     start = time.perf_counter()
     register()
@@ -150,44 +158,68 @@ def run_search(cfg: DictConfig, simulate_fn=None, fits=check_fits) -> SearchOutc
                        workload=str(cfg.workload.get("name", ""))) for cand, key in keyed}
     cost = {key: cand.gpus * prices[cand.hw] for cand, key in keyed}
 
-    def tasks(keys, seeds):
+    def tasks(keys, seeds, saturation_only=False):
         return [Task(i, key, sim_cfgs[key], list(seeds), limits, capacity_params(opts), QPS_KEY,
-                     SEED_KEY, cached=store.cached(key)) for i, key in enumerate(keys)]
+                     SEED_KEY, cached=store.cached(key), saturation_only=saturation_only)
+                for i, key in enumerate(keys)]
 
-    seeds = list(opts.seeds)
-    screening = opts.screen_fraction > 0 and len(seeds) > 1
-    first = tasks([k for _, k in keyed], seeds[:1] if screening else seeds)
     results, counts, reused = {}, {"simulated": 0, "cpu": 0.0}, set()
     stored_before = {(k, *probe) for k, probes in store.cache.items() for probe in probes}
     from tqdm import tqdm
-    bar = tqdm(total=len(first), desc="search", unit="config", disable=not opts.progress,
-               file=sys.stderr)
+    bar = tqdm(total=0, desc="search", unit="task", disable=not opts.progress, file=sys.stderr)
 
-    def run_all(batch):
+    def run_all(batch) -> dict:
+        bar.total += len(batch)
+        bar.refresh()
+        done = {}
         for res in run(batch, simulate_fn or simulate_summary, opts.workers, opts.ray_address):
-            results[res.config_hash] = res
+            done[res.config_hash] = res
             store.add(res.config_hash, ident[res.config_hash], res.points)
             counts["simulated"] += len(res.points)
+            counts["cpu"] += sum(p.get("probe_cpu_s", 0.0) for p in res.points)
             reused.update(p for p in ((res.config_hash, *q) for q in res.reused)
                           if p in stored_before)
-            counts["cpu"] += sum(p.get("probe_cpu_s", 0.0) for p in res.points)
             bar.update(1)
             bar.set_postfix(simulated=counts["simulated"], reused=len(reused))
+        results.update({k: r for k, r in done.items() if r.seeds or r.error})
+        return done
 
+    def per_usd(keys) -> dict:
+        return {k: results[k].seeds[0].capacity_qps * 3600 / cost[k] for k in keys
+                if k in results and not results[k].error}
+
+    seeds, keys, pruned = list(opts.seeds), [k for _, k in keyed], {}
+    screening = opts.screen_fraction > 0 and len(seeds) > 1
+    first_seeds = seeds[:1] if screening else seeds
     try:
-        run_all(first)
+        if opts.prune_fraction > 0:
+            # Saturation throughput bounds what a candidate can reach: run the most promising
+            # few first, then skip those whose bound cannot come near the best found.
+            saturated = run_all(tasks(keys, seeds[:1], saturation_only=True))
+            bound = {k: r.saturation_qps * 3600 / cost[k] for k, r in saturated.items()
+                     if not r.error}
+            order = sorted(bound, key=lambda k: (-bound[k], k))
+            lead, rest = order[:max(2, opts.workers)], order[max(2, opts.workers):]
+            run_all(tasks(lead, first_seeds))
+            best = max(per_usd(lead).values(), default=0.0)
+            for k in rest:
+                if bound[k] < opts.prune_fraction * best:
+                    pruned[k] = (bound[k], f"saturation bound {bound[k]:.4g} requests/USD < "
+                                           f"{opts.prune_fraction:g} x best found {best:.4g}")
+            run_all(tasks([k for k in rest if k not in pruned], first_seeds))
+            results.update({k: r for k, r in saturated.items() if r.error})
+        else:
+            run_all(tasks(keys, first_seeds))
         if screening:
-            per_usd = {k: r.seeds[0].capacity_qps / cost[k] for k, r in results.items()
-                       if not r.error}
-            best = max(per_usd.values(), default=0.0)
-            again = [k for k, v in per_usd.items() if best > 0 and v >= opts.screen_fraction * best]
-            bar.total += len(again)
-            bar.refresh()
-            run_all(tasks(again, seeds))
+            first = per_usd(keys)
+            best = max(first.values(), default=0.0)
+            run_all(tasks([k for k, v in first.items()
+                           if best > 0 and v >= opts.screen_fraction * best], seeds))
     finally:
         bar.close()
 
-    ranked = rank(keyed, skipped, results, store.cache, limits, prices, (opts.pareto_latency,))
+    ranked = rank(keyed, skipped, results, store.cache, limits, prices, (opts.pareto_latency,),
+                  pruned)
     write_atomic(ranked, out_dir / "ranked.parquet")
     write_atomic(ranked, out_dir / "ranked.csv")
     capacity_rows = [dict(ident[key], config_hash=key, **{k: v for k, v in
@@ -231,7 +263,8 @@ def main() -> None:
     register()
     # Let ConfigError/Hydra errors reach main_guard (one line, exit 2) instead of Hydra's report.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-    main_guard(hydra.main(version_base="1.3", config_path="pkg://conf", config_name="search")(_main))()
+    hydra_main = hydra.main(version_base="1.3", config_path="pkg://conf", config_name="search")
+    main_guard(hydra_main(_main))()
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ class Task:
     qps_key: str                     # dotted config keys the search sets per probe
     seed_key: str
     cached: dict = field(default_factory=dict)   # (qps, seed) -> summary, from an earlier run
+    saturation_only: bool = False    # just the first seed's saturation throughput
 
 
 @dataclass
@@ -45,6 +46,7 @@ class TaskResult:
     points: list = field(default_factory=list)   # new probes: {"qps", "seed", **summary}
     reused: list = field(default_factory=list)   # (qps, seed) answered from the cache
     error: str = ""                              # ConfigError text: the candidate cannot run
+    saturation_qps: float = 0.0                  # set by a saturation_only task
 
 
 def _plain(value):
@@ -74,7 +76,11 @@ def run_task(task: Task, simulate_fn: SimulateFn) -> TaskResult:
         return summary
 
     try:
-        result.seeds = capacity_over_seeds(simulate_at, task.limits, task.seeds, **task.params)
+        if task.saturation_only:
+            summary = simulate_at(task.params["saturation_qps"], task.seeds[0])
+            result.saturation_qps = float(summary["throughput_rps"])
+        else:
+            result.seeds = capacity_over_seeds(simulate_at, task.limits, task.seeds, **task.params)
     except ConfigError as exc:
         result.error = str(exc)
     return result

@@ -16,27 +16,34 @@ from sim.capacity import mean_ci95, violation
 
 # Latency columns always reported at capacity (besides the SLO's own and the Pareto metric).
 REPORTED_METRICS = ("ttft_s_p90", "itl_s_p99", "tpot_s_p50", "e2e_s_p90")
-STATUS_ORDER = {"ok": 0, "no_qps_meets_slo": 1, "skipped": 2}
+STATUS_ORDER = {"ok": 0, "no_qps_meets_slo": 1, "pruned": 2, "skipped": 3}
 
 
 def rank(candidates: list, skipped: list, results: dict, cache: dict, limits: dict,
-         prices: dict, metrics: tuple) -> pd.DataFrame:
+         prices: dict, metrics: tuple, pruned: dict | None = None) -> pd.DataFrame:
     """One row per candidate, best requests-per-dollar first.
 
     Latency columns ``<metric>_at_capacity`` are averaged over the seeds' capacity probes; for
     a candidate that met no SLO they are taken at its closest probe (``closest_qps``).
 
     candidates: [(Candidate, config_hash)]; results: config_hash -> TaskResult;
-    cache: config_hash -> {(qps, seed): summary}; prices: hw -> USD per GPU-hour.
+    cache: config_hash -> {(qps, seed): summary}; prices: hw -> USD per GPU-hour;
+    pruned: config_hash -> (requests-per-USD upper bound, reason).
     """
     rows = []
     for cand, key in candidates:
-        res = results.get(key)
-        if res is None:
-            continue
         cost = cand.gpus * prices[cand.hw]
         row = dict(cand.columns(), price_usd_per_gpu_hour=prices[cand.hw], cost_usd_per_hour=cost,
                    config_hash=key)
+        if pruned and key in pruned:
+            bound, reason = pruned[key]
+            rows.append(dict(row, status="pruned", reason=reason,
+                             requests_per_usd_upper_bound=bound,
+                             saturation_qps_mean=bound * cost / 3600))
+            continue
+        res = results.get(key)
+        if res is None:
+            continue
         if res.error:
             rows.append(dict(row, status="skipped", reason=res.error))
             continue
@@ -78,7 +85,11 @@ def rank(candidates: list, skipped: list, results: dict, cache: dict, limits: di
         if col not in df:
             df[col] = math.nan
     df["_order"] = df["status"].map(STATUS_ORDER)
-    df["_score"] = np.where(df["status"] == "ok", -df["requests_per_usd"], df["slo_worst_ratio"])
+    if "requests_per_usd_upper_bound" not in df:
+        df["requests_per_usd_upper_bound"] = math.nan
+    df["_score"] = np.select([df["status"] == "ok", df["status"] == "pruned"],
+                             [-df["requests_per_usd"], -df["requests_per_usd_upper_bound"]],
+                             df["slo_worst_ratio"])
     df = df.sort_values(["_order", "_score", "config"], kind="stable").drop(columns=["_order",
                                                                                      "_score"])
     df.insert(0, "rank", range(1, len(df) + 1))

@@ -1,4 +1,4 @@
-"""The deployment configurations a search visits, built from the ``search`` node of conf/search.yaml.
+"""The deployment configurations a search visits, from the ``search`` node of conf/search.yaml.
 
 A candidate is one hardware SKU, one (tp, pp) split with as many replicas as the GPU budget
 holds, and one scheduler with one value per knob. Splits that cannot run are recorded with
@@ -94,7 +94,8 @@ def sim_config(cfg: DictConfig, hw_node: DictConfig, sched_node: DictConfig,
     for knob, value in cand.knobs:
         if knob not in sched:
             raise ConfigError(f"search.knobs.{cand.scheduler}.{knob}: scheduler "
-                              f"{cand.scheduler!r} has no knob {knob!r}; its knobs: {sorted(sched)}")
+                              f"{cand.scheduler!r} has no knob {knob!r}; its knobs: "
+                              f"{sorted(sched)}")
         sched[knob] = value
     data["scheduler"] = sched
     data["parallel"] = {**data.get("parallel", {}), "tp": cand.tp, "pp": cand.pp,

@@ -109,6 +109,8 @@ def test_resume_skips_measured_points_and_completes_partial_runs(tmp_path, profi
     df = tables.read(tmp_path / "gemm.parquet")
     assert len(df) == counts["gemm"] and not df.duplicated(tables.identity_columns("gemm")).any()
     assert tables.provenance(tmp_path / "gemm.parquet")["previous_runs"]
+    run(_cfg(tmp_path, "profile.families=[gemm]", "profile.resume=false", "profile.max_points=2"))
+    assert len(tables.read(tmp_path / "gemm.parquet")) == 2     # a fresh table replaced the old one
 
 
 def test_interrupted_run_keeps_what_it_measured(tmp_path, monkeypatch):

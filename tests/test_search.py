@@ -45,7 +45,8 @@ def synthetic_capacity(hw, tp, pp, replicas, cap, seed, ttft_limit) -> float:
 def synthetic_sim(cfg) -> dict:
     hw, par = cfg.hw.name, cfg.parallel
     cap = int(cfg.scheduler.max_num_seqs)
-    qps, seed = float(OmegaConf.select(cfg, search.QPS_KEY)), int(OmegaConf.select(cfg, search.SEED_KEY))
+    qps = float(OmegaConf.select(cfg, search.QPS_KEY))
+    seed = int(OmegaConf.select(cfg, search.SEED_KEY))
     rate = synthetic_rate(hw, par.tp, par.pp, par.replicas, cap, seed)
     base = synthetic_base_ttft(hw, par.tp, cap)
     ttft = base / (1 - qps / rate) if qps < rate else 1e4
@@ -78,7 +79,8 @@ class CountingSim:
 
 
 TINY_SPACE = ["search.hw=[a100,h100]", "search.tp=[1,2,4]", "search.pp=[1,2,3]",
-              "search.gpu_budget=4", "search.schedulers=[vllm]", "search.knobs.vllm.max_num_seqs=[64,256]",
+              "search.gpu_budget=4", "search.schedulers=[vllm]",
+              "search.knobs.vllm.max_num_seqs=[64,256]",
               "search.seeds=[0,1,2]", "search.progress=false", "slo.ttft_p90_s=2.0",
               "slo.tbt_p99_s=0.2", "model=llama2-70b"]
 
@@ -166,7 +168,8 @@ def test_slo_limits_parse_and_reject_bad_names():
         slo_limits({"ttft_p95_s": 2})
     with pytest.raises(ConfigError, match="no limit"):
         slo_limits({"ttft_p90_s": None})
-    assert violation({"ttft_s_p90": 3.0, "itl_s_p99": 0.1}, {"ttft_s_p90": 2.0, "itl_s_p99": 0.2}) == 1.5
+    limits = {"ttft_s_p90": 2.0, "itl_s_p99": 0.2}
+    assert violation({"ttft_s_p90": 3.0, "itl_s_p99": 0.1}, limits) == 1.5
     assert violation({}, {"ttft_s_p90": 2.0}) == math.inf
 
 
@@ -183,7 +186,8 @@ def test_search_on_tiny_space_finds_the_known_best_config(tmp_path):
     best = outcome.ranked.iloc[0]
     assert (best.hw, best.tp, best.pp, best.knobs) == (hw, tp, pp, f'{{"max_num_seqs": {cap}}}')
     assert capacity / 1.05 <= best.capacity_qps_mean <= capacity
-    assert best.requests_per_usd == pytest.approx(best.capacity_qps_mean * 3600 / (4 * {"a100": 1.79, "h100": 2.99}[hw]))
+    price = {"a100": 1.79, "h100": 2.99}[hw]
+    assert best.requests_per_usd == pytest.approx(best.capacity_qps_mean * 3600 / (4 * price))
     assert best.capacity_qps_ci95_low <= best.capacity_qps_mean <= best.capacity_qps_ci95_high
     assert outcome.message.startswith(f"best config: {best.config}")
     ok = outcome.ranked[outcome.ranked.status == "ok"]
@@ -192,16 +196,40 @@ def test_search_on_tiny_space_finds_the_known_best_config(tmp_path):
     reasons = outcome.ranked.set_index("config").reason
     assert "does not fit" in reasons["a100 tp1 pp1 x4 vllm max_num_seqs=64"]
     assert "does not divide the 4-GPU budget" in reasons["h100 tp1 pp3 x- vllm max_num_seqs=256"]
-    for name in ("points.parquet", "ranked.parquet", "ranked.csv", "capacity.parquet", "pareto.png"):
+    for name in ("points.parquet", "ranked.parquet", "ranked.csv", "capacity.parquet",
+                 "pareto.png"):
         assert (tmp_path / name).stat().st_size > 0
     points = pd.read_parquet(tmp_path / "points.parquet")
-    assert len(points) == outcome.simulated and not points.duplicated(["config_hash", "qps", "seed"]).any()
+    assert len(points) == outcome.simulated
+    assert not points.duplicated(["config_hash", "qps", "seed"]).any()
     assert {"ttft_s_p90", "itl_s_p99", "hw", "tp", "config_hash"} <= set(points.columns)
 
 
+def test_pruning_and_screening_keep_the_exhaustive_answer(tmp_path):
+    exhaustive = search.run_search(
+        tiny_cfg(tmp_path / "all", "search.prune_fraction=0", "search.screen_fraction=0"),
+        simulate_fn=synthetic_sim, fits=synthetic_fits)
+    fast = search.run_search(
+        tiny_cfg(tmp_path / "fast", "search.prune_fraction=0.9", "search.screen_fraction=0.9"),
+        simulate_fn=synthetic_sim, fits=synthetic_fits)
+    assert (exhaustive.ranked.status != "pruned").all()
+    assert (exhaustive.ranked.num_seeds.dropna() == 3).all()
+    cols = ["config", "capacity_qps_mean", "capacity_qps_ci95_low", "num_seeds"]
+    pd.testing.assert_series_equal(fast.ranked.iloc[0][cols], exhaustive.ranked.iloc[0][cols],
+                                   check_names=False)
+    assert fast.simulated < exhaustive.simulated
+    best = fast.ranked.iloc[0].requests_per_usd
+    pruned = fast.ranked[fast.ranked.status == "pruned"]
+    assert len(pruned) and (pruned.requests_per_usd_upper_bound < 0.9 * best).all()
+    assert pruned.reason.str.startswith("saturation bound").all()
+    one_seed = fast.ranked[(fast.ranked.status == "ok") & (fast.ranked.num_seeds == 1)]
+    assert len(one_seed) and (one_seed.requests_per_usd < 0.9 * best).all()
+    assert one_seed.capacity_qps_ci95_low.isna().all()
+
+
 def test_impossible_slo_reports_no_config_and_the_closest(tmp_path):
-    outcome = search.run_search(tiny_cfg(tmp_path, "slo.ttft_p90_s=0.05", "search.executor=serial"),
-                                simulate_fn=synthetic_sim, fits=synthetic_fits)
+    cfg = tiny_cfg(tmp_path, "slo.ttft_p90_s=0.05", "search.executor=serial")
+    outcome = search.run_search(cfg, simulate_fn=synthetic_sim, fits=synthetic_fits)
     assert outcome.message.startswith("no config meets the SLO (ttft_s_p90 <= 0.05 s")
     assert (outcome.ranked.status != "ok").all()
     closest = outcome.ranked[outcome.ranked.status == "no_qps_meets_slo"]
@@ -212,17 +240,20 @@ def test_impossible_slo_reports_no_config_and_the_closest(tmp_path):
 
 
 def test_interrupted_search_resumes_without_resimulating_stored_points(tmp_path):
+    def serial_h100(out_dir):
+        return tiny_cfg(out_dir, "search.executor=serial", "search.hw=[h100]")
+
     full = CountingSim()
-    reference = search.run_search(tiny_cfg(tmp_path / "ref", "search.executor=serial", "search.hw=[h100]"),
+    reference = search.run_search(serial_h100(tmp_path / "ref"),
                                   simulate_fn=full, fits=synthetic_fits)
     killed = CountingSim(fail_after=len(full.calls) // 2)
     with pytest.raises(KeyboardInterrupt):
-        search.run_search(tiny_cfg(tmp_path / "run", "search.executor=serial", "search.hw=[h100]"),
+        search.run_search(serial_h100(tmp_path / "run"),
                           simulate_fn=killed, fits=synthetic_fits)
     stored = pd.read_parquet(tmp_path / "run" / "points.parquet")
     assert 0 < len(stored) <= len(killed.calls)
     resumed = CountingSim()
-    outcome = search.run_search(tiny_cfg(tmp_path / "run", "search.executor=serial", "search.hw=[h100]"),
+    outcome = search.run_search(serial_h100(tmp_path / "run"),
                                 simulate_fn=resumed, fits=synthetic_fits)
     stored_keys = {(r.hw, r.tp, r.pp, int(r.knobs.split(": ")[1][:-1]), r.qps, r.seed)
                    for r in stored.itertuples()}
@@ -232,7 +263,7 @@ def test_interrupted_search_resumes_without_resimulating_stored_points(tmp_path)
     pd.testing.assert_frame_equal(outcome.ranked[cols], reference.ranked[cols])
     # A third run simulates nothing at all.
     again = CountingSim()
-    search.run_search(tiny_cfg(tmp_path / "run", "search.executor=serial", "search.hw=[h100]"), simulate_fn=again,
+    search.run_search(serial_h100(tmp_path / "run"), simulate_fn=again,
                       fits=synthetic_fits)
     assert again.calls == []
 
