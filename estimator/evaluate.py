@@ -52,7 +52,7 @@ def leave_one_model_out(df: pd.DataFrame, family: str, hw: HwConf, cfg) -> dict:
         return {"n": 0, "note": "fewer than two named models in the table"}
     p50_only = copy.deepcopy(cfg)
     p50_only.quantile.folds = 0  # held-out APE is about the p50; the band is checked by k-fold
-    errors, per_model = [], {}
+    errors, per_model, held = [], {}, []
     for name in models:
         test = (named == name).to_numpy()
         model = FamilyModel.fit(df[~test], family, hw, p50_only, meta={"serve": {}})
@@ -61,7 +61,14 @@ def leave_one_model_out(df: pd.DataFrame, family: str, hw: HwConf, cfg) -> dict:
         err = ape(model.predict(rows)["pred_time_us"].to_numpy(float), measured_us(rows))
         per_model[name] = _summary(err)
         errors.append(err)
-    return _summary(np.concatenate(errors)) | {"per_model": per_model}
+        held.append(rows)
+    err, rows = np.concatenate(errors), pd.concat(held)
+    out = _summary(err) | {"per_model": per_model}
+    if family == "elementwise":  # norms are a target of their own; ops differ a lot
+        ops = rows["op"].astype(str).to_numpy()
+        out["per_op"] = {op: _summary(err[ops == op]) for op in sorted(set(ops))}
+        out["norms"] = _summary(err[np.isin(ops, ["rmsnorm", "layernorm"])])
+    return out
 
 
 def plot(oof: dict[str, tuple[pd.DataFrame, pd.DataFrame]], path, title: str) -> None:

@@ -122,7 +122,11 @@ class FamilyModel:
         F.check_query(df, self.family)
         df = self._with_context(df)
         self._warn_out_of_range(df)
-        x, _, prior = F.design(df, self.family, self.hw, self.meta["vocab"])
+        x, names, prior = F.design(df, self.family, self.hw, self.meta["vocab"])
+        if names != self.meta["features"]:
+            raise F.EstimatorError(f"the {self.family} model was trained with other features "
+                                   f"({len(self.meta['features'])} vs {len(names)} now); retrain with "
+                                   f"python -m estimator.train hw={self.hw.name}")
         mid = self.p50.inplace_predict(x).astype(float)
         if self.band is not None:
             lo_hi = self.band.inplace_predict(x).astype(float).reshape(len(df), 2)
@@ -140,7 +144,7 @@ class FamilyModel:
         if missing:
             df = df.assign(**missing)
         for c in F.CATEGORICAL[self.family]:
-            unknown = set(df[c].astype(str)) - set(self.meta["vocab"].get(c, []))
+            unknown = set(df[c].astype(str).unique()) - set(self.meta["vocab"].get(c, []))
             if unknown:
                 self._warn_once((c, tuple(sorted(unknown))),
                           f"{self.family}: {c} value(s) {sorted(unknown)} were never trained on "

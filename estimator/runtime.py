@@ -199,8 +199,9 @@ class OpTimes:
         n = len(prefill_q)
         if n:
             q_sum = float(sum(prefill_q))
-            pairs = float(sum(q * kv for q, kv in zip(prefill_q, prefill_kv)))
-            total += self._lookup3(n, q_sum / n, pairs / q_sum)
+            if q_sum > 0:
+                pairs = float(sum(q * kv for q, kv in zip(prefill_q, prefill_kv)))
+                total += self._lookup3(n, q_sum / n, pairs / q_sum)
         n = len(decode_kv)
         if n:
             total += self._lookup2(n, float(sum(decode_kv)) / n)

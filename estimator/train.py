@@ -157,6 +157,12 @@ def report_markdown(report: dict) -> str:
         lo = e.get("leave_one_model_out") or {}
         for name, m in (lo.get("per_model") or {}).items():
             lines.append(f"  - held out {name}: median {m['median_ape']:.1f}%, p90 {m['p90_ape']:.1f}% ({m['n']} rows)")
+        for op, m in (lo.get("per_op") or {}).items():
+            lines.append(f"  - LOMO op {op}: median {m['median_ape']:.1f}%, p90 {m['p90_ape']:.1f}% ({m['n']} rows)")
+        if lo.get("norms", {}).get("n"):
+            m = lo["norms"]
+            lines.append(f"  - LOMO norms (rmsnorm + layernorm): median {m['median_ape']:.1f}%, "
+                         f"p90 {m['p90_ape']:.1f}% ({m['n']} rows)")
     return "\n".join(lines) + "\n"
 
 

@@ -108,7 +108,8 @@ def pareto_front(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def plot_pareto(ranked: pd.DataFrame, latency_metric: str, path: Path, title: str) -> int:
-    """Scatter of requests per dollar vs latency at capacity, front highlighted; returns #front."""
+    """Requests per dollar (95% CI bars where several seeds ran) vs latency at capacity, the
+    Pareto front highlighted; returns how many candidates are on the front."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -125,6 +126,13 @@ def plot_pareto(ranked: pd.DataFrame, latency_metric: str, path: Path, title: st
             ax.scatter(group[col], group["requests_per_usd"], label=f"{hw} {sched}", alpha=0.6,
                        s=22, marker=markers.get(sched, "o"),
                        color=f"C{sorted(ok['hw'].unique()).index(hw)}")
+        low = ok["requests_per_usd_ci95_low"].to_numpy(float)
+        high = ok["requests_per_usd_ci95_high"].to_numpy(float)
+        has_ci = np.isfinite(low) & np.isfinite(high)
+        if has_ci.any():      # 95% CI over seeds
+            yerr = [y[has_ci] - low[has_ci], high[has_ci] - y[has_ci]]
+            ax.errorbar(x[has_ci], y[has_ci], yerr=yerr, fmt="none", ecolor="gray", alpha=0.4,
+                        lw=0.8)
         order = np.argsort(x[front])
         ax.plot(x[front][order], y[front][order], "k--", lw=1, label="Pareto front")
         for label, xi, yi in zip(ok["config"].to_numpy()[front], x[front], y[front]):
@@ -151,7 +159,7 @@ def describe(ranked: pd.DataFrame, limits: dict, closest: int = 5) -> str:
     if len(ok):
         b = ok.iloc[0]
         ci = (f"95% CI {b['capacity_qps_ci95_low']:.3g}-{b['capacity_qps_ci95_high']:.3g} over "
-              f"{b['num_seeds']} seeds" if b["num_seeds"] > 1 else "1 seed, no CI")
+              f"{int(b['num_seeds'])} seeds" if b["num_seeds"] > 1 else "1 seed, no CI")
         return (f"best config: {b['config']}  capacity {b['capacity_qps_mean']:.3g} QPS ({ci}), "
                 f"{b['requests_per_usd']:.4g} requests/USD at {b['cost_usd_per_hour']:.4g} USD/h "
                 f"[SLO: {slo}]")

@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -66,6 +67,14 @@ def knob_grid(knob_lists: dict) -> list[tuple]:
     return [tuple(zip(names, combo)) for combo in itertools.product(*values)]
 
 
+def _compose_sim(overrides: list[str]) -> DictConfig:
+    from hydra import compose as hydra_compose
+    from hydra.core.global_hydra import GlobalHydra
+    if GlobalHydra.instance().is_initialized():    # inside ``python -m sim.search``'s Hydra app
+        return hydra_compose("sim", overrides)
+    return compose("sim", overrides)
+
+
 def group_nodes(cfg: DictConfig, group: str, names: list[str]) -> dict[str, DictConfig]:
     """The composed node of each named option of a group (hw, scheduler).
 
@@ -80,7 +89,7 @@ def group_nodes(cfg: DictConfig, group: str, names: list[str]) -> dict[str, Dict
         if cfg[group].get("name") == name:
             nodes[name] = cfg[group]
         else:
-            nodes[name] = compose("sim", [f"{group}={name}"])[group]
+            nodes[name] = _compose_sim([f"{group}={name}"])[group]
     return nodes
 
 
@@ -103,10 +112,26 @@ def sim_config(cfg: DictConfig, hw_node: DictConfig, sched_node: DictConfig,
     return OmegaConf.create(data)
 
 
-def config_hash(sim_cfg: DictConfig | dict, volatile_keys=()) -> str:
-    """Stable 16-hex-digit identity of a simulation config, ignoring per-probe keys (seed, qps)."""
+def estimator_fingerprint(estimators_dir: Path) -> str:
+    """Content hash of a hardware's trained predictors ("roofline" when there are none): a
+    retrained estimator changes every operator time, so stored probes must not be reused."""
+    files = sorted(p for p in Path(estimators_dir).glob("*") if p.is_file()
+                   and not p.name.startswith("."))
+    if not files:
+        return "roofline"
+    digest = hashlib.sha1()
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(hashlib.sha1(path.read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
+def config_hash(sim_cfg: DictConfig | dict, volatile_keys=(), extra: dict | None = None) -> str:
+    """Stable 16-hex-digit identity of a simulation config (plus ``extra`` inputs), ignoring
+    per-probe keys (seed, qps)."""
     data = OmegaConf.to_container(sim_cfg, resolve=True) if isinstance(sim_cfg, DictConfig) \
         else json.loads(json.dumps(sim_cfg))
+    data = {**data, "_extra": extra or {}}
     for dotted in volatile_keys:
         *path, last = dotted.split(".")
         parent = data

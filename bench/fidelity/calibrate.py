@@ -127,3 +127,11 @@ def isolated_request_overhead(requests: pd.DataFrame, iters: pd.DataFrame, clock
     return {"num_matched": len(rows), "ttft_minus_forward_ms_median": float(np.median(outside)),
             "ttft_minus_forward_ms_mean": float(np.mean(outside)),
             "client_after_log_ms_median": float(np.median(lag))}
+
+
+def fit_forward_scale(iters: pd.DataFrame, batch_cost, decode_kv: float) -> float:
+    """Least-squares s in elapsed ~= s * predicted_forward over all logged iterations: how far
+    the operator model is off as one factor (diagnostic, see simulate.ScaledOpTimes)."""
+    pred = predicted_forward_ms(iters, batch_cost, decode_kv)
+    el = iters["elapsed_ms"].to_numpy(float)
+    return float((pred * el).sum() / (pred * pred).sum())

@@ -139,6 +139,37 @@ def trace_rows(tr_path: Path) -> list[dict]:
             for a, p, d in zip(t.arrived_at_s, t.num_prefill_tokens, t.num_decode_tokens)]
 
 
+def fit_terms(c_req, c_iters, c_meta, c_tr, op_times, model) -> dict:
+    """The simulator's CPU-overhead terms and the frontend latency, from the calibration trace."""
+    from sim.costs import BatchCost
+    dec = calibrate.decompose(c_iters, BatchCost(op_times, model, 1, 0.0, 0.0),
+                              calibrate.mean_decode_kv(trace_rows(c_tr)))
+    fit, core = dec["cpu_overhead_fit"], dec["engine_core_overhead_fit"]
+    iso = calibrate.isolated_request_overhead(c_req, c_iters, c_meta["clock_offset_s"])
+    # Time outside the engine loop (HTTP, tokenisation, detokenisation, streaming): what an
+    # isolated request's TTFT holds beyond its forward and one engine-core overhead.
+    frontend_ms = 0.0
+    if iso.get("num_matched", 0) >= 3:
+        frontend_ms = max(iso["ttft_minus_forward_ms_median"]
+                          - (core["per_iteration_us"] + core["per_sequence_us"]) / 1e3, 0.0)
+    return {"sim_cpu_overhead_per_iteration_us": round(max(fit["per_iteration_us"], 0.0), 1),
+            "sim_cpu_overhead_per_sequence_us": round(max(fit["per_sequence_us"], 0.0), 1),
+            "frontend_latency_ms": round(frontend_ms, 3), "isolated_requests": iso, **dec}
+
+
+def simulate_with(terms: dict, tr_path: Path, n: int, op_times) -> tuple:
+    ov = simulate.overhead_overrides(terms["sim_cpu_overhead_per_iteration_us"],
+                                     terms["sim_cpu_overhead_per_sequence_us"])
+    req, iters, summary = simulate.simulate_trace(tr_path, n, ov, op_times)
+    f = terms["frontend_latency_ms"] / 1e3
+    return req.assign(ttft_s=req.ttft_s + f, e2e_s=req.e2e_s + f), iters, summary
+
+
+def mean_errors(table) -> str:
+    t = table[table["stat"] == "mean"]
+    return ", ".join(f"{r.metric[:-2]} {r.error_pct:+.1f}%" for r in t.itertuples())
+
+
 def evaluate(args, specs: dict) -> dict:
     import sim
     from conf import to_hw, to_model
@@ -156,38 +187,36 @@ def evaluate(args, specs: dict) -> dict:
         op_dir = Path(args.work_dir) / "opdata"
         shutil.rmtree(op_dir, ignore_errors=True)
         shutil.copytree(est, op_dir / "estimators" / "cpu")
-    op_times = load_op_times(hw, model, 1, quantile=cfg.sim.op_quantile, data_dir=str(op_dir))
-    forward_only = BatchCost(op_times, model, 1, 0.0, 0.0)
+    op_times = load_op_times(hw, model, 1, quantile=args.op_quantile, data_dir=str(op_dir))
 
     calib_name = next(iter(specs))
     c_req, c_iters, c_meta, c_tr = load_recorded(data, calib_name)
-    c_dec = calibrate.decompose(c_iters, forward_only, calibrate.mean_decode_kv(trace_rows(c_tr)))
-    fit, core = c_dec["cpu_overhead_fit"], c_dec["engine_core_overhead_fit"]
-    per_iter_us, per_seq_us = max(fit["per_iteration_us"], 0.0), max(fit["per_sequence_us"], 0.0)
-    iso = calibrate.isolated_request_overhead(c_req, c_iters, c_meta["clock_offset_s"])
-    # Time outside the engine loop (HTTP, tokenisation, detokenisation, streaming): what an
-    # isolated request's TTFT holds beyond its forward and one engine-core overhead.
-    frontend_ms = 0.0
-    if iso.get("num_matched", 0) >= 3:
-        frontend_ms = max(iso["ttft_minus_forward_ms_median"]
-                          - (core["per_iteration_us"] + core["per_sequence_us"]) / 1e3, 0.0)
-    calibration = {"trace": calib_name, "sim_cpu_overhead_per_iteration_us": round(per_iter_us, 1),
-                   "sim_cpu_overhead_per_sequence_us": round(per_seq_us, 1),
-                   "frontend_latency_ms": round(frontend_ms, 3), "isolated_requests": iso, **c_dec}
+    terms = fit_terms(c_req, c_iters, c_meta, c_tr, op_times, model)
+    # Diagnostic: the same calibration after scaling every operator time by one factor fitted
+    # to the engine's forward times - the error left is scheduling and overhead, not operators.
+    scale = calibrate.fit_forward_scale(c_iters, BatchCost(op_times, model, 1, 0.0, 0.0),
+                                        calibrate.mean_decode_kv(trace_rows(c_tr)))
+    scaled_op = simulate.ScaledOpTimes(op_times, scale)
+    scaled_terms = fit_terms(c_req, c_iters, c_meta, c_tr, scaled_op, model)
+    fit, core = terms["cpu_overhead_fit"], terms["engine_core_overhead_fit"]
     print(f"\ncalibration ({calib_name}, op times: {op_times.source}): sim CPU overhead "
-          f"{per_iter_us:.0f} us/iteration + {per_seq_us:.1f} us/sequence (fit of gap - predicted "
-          f"forward over {fit['num_points']} back-to-back iterations); engine-core overhead alone "
+          f"{terms['sim_cpu_overhead_per_iteration_us']:.0f} us/iteration + "
+          f"{terms['sim_cpu_overhead_per_sequence_us']:.1f} us/sequence (fit of gap - predicted forward over "
+          f"{fit['num_points']} back-to-back iterations); engine-core overhead alone "
           f"{core['per_iteration_us']:.0f} + {core['per_sequence_us']:.1f}/seq us; frontend latency "
-          f"{frontend_ms:.2f} ms ({iso.get('num_matched', 0)} isolated requests)")
+          f"{terms['frontend_latency_ms']:.2f} ms ({terms['isolated_requests'].get('num_matched', 0)} "
+          f"isolated requests); engine forward / sim forward = {scale:.3f}")
 
     out = {"engine_settings": asdict(engine.EngineSettings()), "op_source": op_times.source,
+           "op_quantile": args.op_quantile,
            "op_estimator": str(est) if op_dir != REPO / "data" else "data/estimators/cpu",
-           "calibration": calibration, "runs": {}}
-    overrides = simulate.overhead_overrides(per_iter_us, per_seq_us)
+           "calibration": {"trace": calib_name, **terms},
+           "diagnostic_scaled_op_times": {"scale": scale, "calibration": scaled_terms, "runs": {}},
+           "runs": {}}
+    forward_only = BatchCost(op_times, model, 1, 0.0, 0.0)
     for name in specs:
         reqs, iters, meta, tr_path = load_recorded(data, name)
-        s_req, s_iters, s_sum = simulate.simulate_trace(tr_path, len(reqs), overrides, op_times)
-        s_req = s_req.assign(ttft_s=s_req.ttft_s + frontend_ms / 1e3, e2e_s=s_req.e2e_s + frontend_ms / 1e3)
+        s_req, s_iters, s_sum = simulate_with(terms, tr_path, len(reqs), op_times)
         table = compare.compare(reqs, s_req)
         raw_req = simulate.simulate_trace(tr_path, len(reqs), (), op_times)[0]
         dec = calibrate.decompose(iters, forward_only, calibrate.mean_decode_kv(trace_rows(tr_path)))
@@ -201,6 +230,10 @@ def evaluate(args, specs: dict) -> dict:
               + ", ".join(f"{k} {v['forward_error_pct']:+.1f}%" for k, v in fk.items())
               + f"; engine-core overhead {dec['engine_core_overhead_fit']['per_iteration_us']:.0f} us/iter + "
               f"{dec['engine_core_overhead_fit']['per_sequence_us']:.1f} us/seq")
+        d_req = simulate_with(scaled_terms, tr_path, len(reqs), scaled_op)[0]
+        d_table = compare.compare(reqs, d_req)
+        print(f"diagnostic, op times x{scale:.3f} (overheads refit): mean errors {mean_errors(d_table)}")
+        out["diagnostic_scaled_op_times"]["runs"][name] = {"table": d_table.to_dict("records")}
         out["runs"][name] = {
             "spec": meta["spec"], "held_out": name != calib_name, "table": table.to_dict("records"),
             "engine": compare.stats(reqs), "sim": compare.stats(s_req),
@@ -223,6 +256,8 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=str(REPO / "data" / "fidelity"), help="recorded engine data + report")
     p.add_argument("--from-recorded", action="store_true", help="skip the engine; use --data-dir records")
     p.add_argument("--fresh", action="store_true", help="replay every trace even if a result exists")
+    p.add_argument("--op-quantile", default="p50", choices=["p10", "p50", "p90"],
+                   help="estimator quantile for operator times (p10 is robust to a busy profiling host)")
     p.add_argument("--profile", action="store_true",
                    help="re-profile the operators pinned + retrain into --data-dir (default: only when missing)")
     args = p.parse_args(argv)

@@ -64,3 +64,28 @@ def engine_iterations_view(iters: pd.DataFrame) -> pd.DataFrame:
                         "num_tokens": iters["num_tokens"], "forward_ms": iters["elapsed_ms"]})
     out["period_ms"] = np.where(back_to_back(iters), iters["gap_ms"], np.nan)
     return out
+
+
+class ScaledOpTimes:
+    """Diagnostic only: an OpTimes whose every operator time is multiplied by ``scale``. With
+    the scale fitted to the engine's iteration log it answers "what error is left once the
+    operator times are right" - i.e. how much of the error is scheduling and CPU overhead."""
+
+    def __init__(self, op_times, scale: float):
+        self.op, self.scale = op_times, float(scale)
+        self.tp, self.model, self.source = op_times.tp, op_times.model, f"{op_times.source} x{scale:.3f}"
+
+    def layer_token_ops_us(self, n):
+        return self.scale * self.op.layer_token_ops_us(n)
+
+    def layer_allreduce_us(self, n):
+        return self.scale * self.op.layer_allreduce_us(n)
+
+    def send_recv_us(self, n):
+        return self.scale * self.op.send_recv_us(n)
+
+    def lm_head_us(self, n):
+        return self.scale * self.op.lm_head_us(n)
+
+    def layer_attention_us(self, prefill_q, prefill_kv, decode_kv):
+        return self.scale * self.op.layer_attention_us(prefill_q, prefill_kv, decode_kv)
