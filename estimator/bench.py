@@ -65,7 +65,7 @@ def bench_calls(ops, hw, data_dir: str) -> None:
     row = pd.DataFrame(dict(m=[576], n=[4096], k=[4096], dtype=["float16"]))
     one = _per_call_us(lambda: preds.predict("gemm", row), repeats=200) if "gemm" in preds.trained else float("nan")
     print(f"per call: layer_attention_us (1 prefill + 64 decodes) {attn:.1f} µs, layer_token_ops_us "
-          f"{token:.2f} µs; one-row XGBoost gemm predict {one:.0f} µs ({one / attn:.0f}x the attention lookup)")
+          f"{token:.2f} µs; one-row gemm FamilyModel.predict {one:.0f} µs ({one / attn:.0f}x the attention lookup)")
 
 
 def bench_attention_vs_measured(ops, hw, data_dir: str) -> None:

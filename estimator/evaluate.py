@@ -7,6 +7,8 @@ so it measures what matters: pricing a model the profiles never saw.
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -95,5 +97,8 @@ def plot(oof: dict[str, tuple[pd.DataFrame, pd.DataFrame]], path, title: str) ->
     axes[0][0].set_ylabel("predicted µs (k-fold p50)")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=80)
     plt.close(fig)
+    os.replace(tmp, path)

@@ -13,7 +13,7 @@ import pandas as pd
 
 from conf.schema import HwConf
 from estimator.features import EstimatorError
-from estimator.model import QUANTILES, FamilyModel
+from estimator.model import QUANTILES, FamilyModel, warn_once
 from profiler.tables import FAMILIES
 
 
@@ -28,6 +28,14 @@ def available_hw(data_dir: str | Path = "data") -> list[str]:
 
 def model_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.glob("*") if p.suffix in (".ubj", ".json") and not p.name.startswith("report"))
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def files_sha256(paths: list[Path]) -> str:
@@ -49,7 +57,13 @@ class Predictors:
     def model(self, family: str) -> FamilyModel:
         """The family's fitted model, read from disk on first use (a cached OpTimes needs none)."""
         if family not in self._models:
-            self._models[family] = FamilyModel.load(self.directory, family)
+            model = FamilyModel.load(self.directory, family)
+            data = Path(model.meta.get("data_path", ""))
+            if data.is_file() and file_sha256(data) != model.meta.get("data_sha256"):
+                warn_once(("stale", str(self.directory), family),
+                          f"{self.directory}/{family}: {data} changed since training; retrain with "
+                          f"python -m estimator.train hw={self.hw.name}")
+            self._models[family] = model
         return self._models[family]
 
     @classmethod

@@ -7,7 +7,6 @@ data is recorded as "roofline" (the simulator then uses the roofline prior for i
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import sys
@@ -28,19 +27,12 @@ from estimator import evaluate as ev
 from estimator.config import register
 from estimator.features import SHAPE_COLUMNS, measured_us
 from estimator.model import FamilyModel, _atomic_bytes, serving_context
+from estimator.predictors import file_sha256
 from profiler import tables
 from profiler.tables import TableError
 
 log = logging.getLogger("estimator")
 register()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def training_rows(df: pd.DataFrame, family: str, cfg) -> tuple[pd.DataFrame, str]:
@@ -119,6 +111,7 @@ def run(cfg: DictConfig) -> dict:
             model.meta["metrics"] = {k: entry[k] for k in ("kfold", "leave_one_model_out") if k in entry}
         model.save(out)
     out.mkdir(parents=True, exist_ok=True)
+    _keep_other_families(report, out / "report.json")
     if oof and cfg.eval.plot:
         ev.plot(oof, out / "pred_vs_measured.png", f"{hw.name}: out-of-fold p50 vs measured")
     _atomic_bytes(out / "report.json", json.dumps(report, indent=1, sort_keys=True).encode())
@@ -126,6 +119,17 @@ def run(cfg: DictConfig) -> dict:
     _atomic_bytes(out / "report.md", text.encode())
     print(text)
     return report
+
+
+def _keep_other_families(report: dict, path: Path) -> None:
+    """Training a subset (families=[gemm]) keeps the other families' entries of the last report."""
+    try:
+        previous = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        previous = {}
+    if previous.get("hw") == report["hw"]:
+        for family, entry in previous.get("families", {}).items():
+            report["families"].setdefault(family, entry)
 
 
 def _remove_model(out: Path, family: str) -> None:
