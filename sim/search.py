@@ -10,8 +10,8 @@ ranks by requests per dollar. Outputs under ``search.out_dir``:
 - points.parquet: every simulated probe (config hash, candidate, qps, seed, all summary
   metrics). A re-run with the same out_dir reuses these points instead of simulating again,
   so an interrupted search resumes, and a new SLO re-ranks mostly from stored points. The
-  hash covers the whole sim config and the trained predictors' files, so a retrained
-  estimator is simulated afresh.
+  hash covers the whole sim config, the trained predictors' files and the simulator and
+  estimator code, so after a retrain or a code change probes are simulated afresh.
 - capacity.parquet: capacity per candidate and seed; ranked.parquet / ranked.csv: one row
   per candidate (skipped/pruned ones with their reason); pareto.png: requests per USD vs
   latency at capacity, with the Pareto front.
@@ -43,7 +43,8 @@ from sim.config import register
 from sim.search_exec import Task, check_fits, executor, simulate_summary
 from sim.search_report import describe, plot_pareto, rank
 from sim.search_points import PointsStore, write_atomic
-from sim.search_space import config_hash, enumerate_space, estimator_fingerprint
+from sim.search_space import (code_fingerprint, config_hash, enumerate_space,
+                              estimator_fingerprint)
 from sim.workload import resolve_data_dir
 
 # Where one probe's rate, seed and request count live in the simulator's config.
@@ -156,14 +157,14 @@ def run_search(cfg: DictConfig, simulate_fn=None, fits=check_fits) -> SearchOutc
             raise ConfigError(f"hw {cand.hw}: price_per_gpu_hour_usd is not set; the search "
                               f"ranks by cost (set hw.price_per_gpu_hour_usd)")
     store = PointsStore(out_dir / "points.parquet")
-    sim_cfgs, keyed, fingerprints = {}, [], {}
+    sim_cfgs, keyed, fingerprints, code = {}, [], {}, code_fingerprint()
     for cand, sim_cfg in runnable:
         OmegaConf.update(sim_cfg, NUM_REQUESTS_KEY, opts.num_requests, force_add=True)
         if cand.hw not in fingerprints:
             fingerprints[cand.hw] = estimator_fingerprint(
                 resolve_data_dir(sim_cfg.sim.data_dir) / "estimators" / cand.hw)
         key = config_hash(sim_cfg, volatile_keys=(QPS_KEY, SEED_KEY),
-                          extra={"estimator": fingerprints[cand.hw]})
+                          extra={"estimator": fingerprints[cand.hw], "code": code})
         if key not in sim_cfgs:                   # (a knob value listed twice)
             sim_cfgs[key] = OmegaConf.to_container(sim_cfg, resolve=True)
             keyed.append((cand, key))

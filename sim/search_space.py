@@ -126,6 +126,22 @@ def estimator_fingerprint(estimators_dir: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def code_fingerprint() -> str:
+    """Content hash of the code that turns a config into numbers (simulator, estimator, shard
+    shapes), so stored probes are not reused after that code changes. The search's own
+    modules are left out: changing how the search runs does not change a probe's result."""
+    root = Path(__file__).resolve().parents[1]
+    own = {"capacity.py", "bench.py"}
+    files = [p for p in sorted((root / "sim").rglob("*.py"))
+             if not p.name.startswith("search") and p.name not in own]
+    files += sorted((root / "estimator").rglob("*.py")) + [root / "conf" / "shapes.py"]
+    digest = hashlib.sha1()
+    for path in files:
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(hashlib.sha1(path.read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
 def config_hash(sim_cfg: DictConfig | dict, volatile_keys=(), extra: dict | None = None) -> str:
     """Stable 16-hex-digit identity of a simulation config (plus ``extra`` inputs), ignoring
     per-probe keys (seed, qps)."""

@@ -268,6 +268,22 @@ def test_interrupted_search_resumes_without_resimulating_stored_points(tmp_path)
     assert again.calls == []
 
 
+def test_points_are_keyed_by_config_and_estimator_version(tmp_path):
+    from sim.search_space import config_hash, estimator_fingerprint
+    assert estimator_fingerprint(tmp_path) == "roofline"
+    (tmp_path / "gemm.json").write_text("{}")
+    trained = estimator_fingerprint(tmp_path)
+    (tmp_path / "gemm.json").write_text('{"retrained": 1}')
+    assert trained != estimator_fingerprint(tmp_path) != "roofline"
+    cfg = {"workload": {"qps": 1.0, "num_requests": 300}, "seed": 0, "parallel": {"tp": 2}}
+    key = config_hash(cfg, ("workload.qps", "seed"), {"estimator": trained})
+    moved = {**cfg, "workload": {"qps": 9.0, "num_requests": 300}, "seed": 4}
+    assert config_hash(moved, ("workload.qps", "seed"), {"estimator": trained}) == key
+    assert config_hash(cfg, ("workload.qps", "seed"), {"estimator": "roofline"}) != key
+    assert config_hash({**cfg, "parallel": {"tp": 4}}, ("workload.qps", "seed"),
+                       {"estimator": trained}) != key
+
+
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed")
 def test_ray_executor_gives_the_process_pool_answer(tmp_path):
     pooled = search.run_search(tiny_cfg(tmp_path / "pool", "search.executor=process",

@@ -36,7 +36,8 @@ CALIB_SEED = 100
 # iteration, contexts <= 96 tokens, <= 32 concurrent decodes), measured pinned like the worker.
 PROFILE_GRID = ["profile.tp=[1]", "profile.tokens=[1,2,3,4,6,8,12,16,24,32,48,64,96,128,192,256,384,512,768,1024]",
                 "profile.kv_lens=[16,32,64,128,192,256]", "profile.decode_batch_sizes=[1,2,3,4,6,8,12,16,24,32]",
-                "profile.prefill_batch_sizes=[1,2,4]", "profile.warmup=1"]
+                "profile.prefill_batch_sizes=[1,2,4]", "profile.warmup=1", "profile.repeats=30",
+                "profile.max_seconds_per_point=4"]
 
 
 def profile_and_train(args, settings: engine.EngineSettings) -> None:
@@ -77,7 +78,11 @@ def ensure_engine(args) -> Path:
 def run_engine(args, specs: dict, settings: engine.EngineSettings) -> None:
     """Replay every trace that has no result yet under one server; record results + iterations."""
     work = Path(args.work_dir)
-    todo = [n for n in specs if args.fresh or not (work / n / "iterations.parquet").exists()]
+    def done(name: str) -> bool:   # resume only a replay of exactly this trace
+        meta = work / name / "meta.json"
+        return (work / name / "iterations.parquet").exists() and meta.exists() \
+            and json.loads(meta.read_text())["spec"] == asdict(specs[name])
+    todo = [n for n in specs if args.fresh or not done(n)]
     if not todo:
         return
     model_dir = ensure_engine(args)
@@ -250,7 +255,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rates", type=float, nargs="+", default=[0.75, 1.5], help="request rates (QPS) to compare")
     p.add_argument("--calib-rate", type=float, default=1.0, help="QPS of the calibration trace (seed 100)")
-    p.add_argument("--num-requests", type=int, default=40)
+    p.add_argument("--num-requests", type=int, default=60)
     p.add_argument("--venv", default=os.environ.get("VLLM_VENV", "/work/venv-vllm"))
     p.add_argument("--work-dir", default=str(REPO / "runs" / "fidelity"), help="raw engine runs (gitignored)")
     p.add_argument("--data-dir", default=str(REPO / "data" / "fidelity"), help="recorded engine data + report")

@@ -17,7 +17,7 @@ HASH_CHUNK_TOKENS = 16  # vllm bench serve's default --timed-trace-chunk-hash-si
 
 @dataclass(frozen=True)
 class TraceSpec:
-    num_requests: int = 40
+    num_requests: int = 60
     rate_qps: float = 1.0
     # Short requests: this host has AVX2 but no AVX-512/AMX, so bf16 GEMMs (aten::mm, in the
     # engine as in the profiler) cost milliseconds per token row on one core and the guide's
