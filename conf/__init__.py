@@ -6,7 +6,7 @@ YAML. ``compose`` is the programmatic entry used by tests, benchmarks and the se
 from __future__ import annotations
 
 import dataclasses
-import functools
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -18,7 +18,7 @@ from conf.schema import DTYPE_BYTES, HwConf, ModelConf, ParallelConf, register
 CONF_DIR = Path(__file__).resolve().parent
 
 __all__ = ["CONF_DIR", "DTYPE_BYTES", "HwConf", "ModelConf", "ParallelConf", "ConfigError",
-           "choices", "compose", "to_hw", "to_model", "main_guard", "register"]
+           "choices", "cli", "compose", "to_hw", "to_model", "register"]
 
 
 class ConfigError(ValueError):
@@ -89,17 +89,37 @@ def explain_hydra_error(exc: Exception) -> str:
     return msg
 
 
-def main_guard(fn: Callable[[], None]) -> Callable[[], None]:
-    """Wrap a Hydra ``main`` so that user mistakes end with one clear line and exit code 2."""
-    @functools.wraps(fn)
-    def wrapper() -> None:
-        from hydra.errors import HydraException
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+def cli(config_name: str, job: Callable[[DictConfig], None]) -> None:
+    """Run ``job(cfg)`` as the Hydra app ``config_name``; user mistakes end with one line and exit 2.
+
+    Hydra reports exceptions raised inside a job itself (exit 1, multi-line), so ConfigError is
+    caught inside the job; composition errors (unknown group option, bad override, malformed
+    YAML) surface outside it once HYDRA_FULL_ERROR lets them through.
+    """
+    import hydra
+    import yaml
+    from hydra.errors import HydraException
+
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    register()
+
+    def task(cfg: DictConfig) -> None:
         try:
-            fn()
+            job(cfg)
         except ConfigError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
-        except HydraException as exc:
-            print(f"error: {explain_hydra_error(exc)}", file=sys.stderr)
-            raise SystemExit(2) from None
-    return wrapper
+            _fail(str(exc))
+
+    try:
+        hydra.main(version_base="1.3", config_path="pkg://conf", config_name=config_name)(task)()
+    except HydraException as exc:
+        _fail(explain_hydra_error(exc))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" ({mark.name}, line {mark.line + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        _fail(f"malformed YAML{where}: {problem}")

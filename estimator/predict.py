@@ -8,23 +8,20 @@ else from the file name (``gemm.parquet``), else from the columns. Rows without 
 from __future__ import annotations
 
 import logging
-import sys
 import os
 import tempfile
 from pathlib import Path
 
-import hydra
 import pandas as pd
 from omegaconf import DictConfig
 
 import conf
-from conf import ConfigError, main_guard
+from conf import cli
 from estimator.config import register
 from estimator.features import SHAPE_COLUMNS, EstimatorError
 from estimator.model import QUANTILES, warn_once
 from estimator.predictors import Predictors
 from estimator.runtime import roofline_predict
-from profiler.tables import TableError
 
 register()
 
@@ -88,18 +85,9 @@ def run(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="predict")
-def _main(cfg: DictConfig) -> None:
-    # Hydra reports exceptions of the task itself (exit 1, with a hint about tracebacks), so
-    # conf.main_guard never sees them: give the one-line error and exit 2 here.
-    try:
-        run(cfg)
-    except (ConfigError, TableError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+def main() -> None:
+    cli("predict", run)
 
-
-main = main_guard(_main)
 
 if __name__ == "__main__":
     main()

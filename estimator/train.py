@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import platform
 import time
 from pathlib import Path
 
-import hydra
 import numpy as np
 import pandas as pd
 import xgboost as xgb
@@ -22,14 +20,13 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import conf
-from conf import ConfigError, main_guard
+from conf import ConfigError, cli
 from estimator import evaluate as ev
 from estimator.config import register
 from estimator.features import SHAPE_COLUMNS, measured_us
 from estimator.model import FamilyModel, _atomic_bytes, serving_context
 from estimator.predictors import file_sha256
 from profiler import tables
-from profiler.tables import TableError
 
 log = logging.getLogger("estimator")
 register()
@@ -170,18 +167,9 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="train")
-def _main(cfg: DictConfig) -> None:
-    # Hydra reports exceptions of the task itself (exit 1, with a hint about tracebacks), so
-    # conf.main_guard never sees them: give the one-line error and exit 2 here.
-    try:
-        run(cfg)
-    except (ConfigError, TableError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+def main() -> None:
+    cli("train", run)
 
-
-main = main_guard(_main)
 
 if __name__ == "__main__":
     main()

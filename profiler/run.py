@@ -7,7 +7,6 @@ out of memory becomes a ``status=oom`` row.
 """
 from __future__ import annotations
 
-import os
 import random
 import sys
 import time
@@ -234,35 +233,15 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _main(cfg: DictConfig) -> None:
-    try:
-        counts = run(cfg)
-    except ConfigError as exc:     # raised inside Hydra's job: report it here, as main_guard would
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    counts = run(cfg)
     total = {f: len(tables.read_dir(cfg.out_dir, f)) for f in counts}
     print(f"measured {sum(counts.values())} new points; tables in {cfg.out_dir}: "
           + ", ".join(f"{f}={total[f]} rows" for f in counts))
 
 
-def cli(fn) -> None:
-    """Run a CLI entry: config mistakes and malformed YAML end with one line and exit code 2."""
-    import yaml
-    # Let ConfigError/Hydra errors reach main_guard instead of Hydra's own multi-line report.
-    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-    try:
-        conf.main_guard(fn)()
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" ({mark.name}, line {mark.line + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        print(f"error: malformed YAML{where}: {problem}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
 def main() -> None:
-    import hydra
     register()
-    cli(hydra.main(version_base="1.3", config_path="pkg://conf", config_name="profile")(_main))
+    conf.cli("profile", _main)
 
 
 if __name__ == "__main__":

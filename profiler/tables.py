@@ -15,6 +15,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from conf import ConfigError
+
 META_KEY = b"opcast"
 SCHEMA_VERSION = 1
 
@@ -53,7 +55,7 @@ FAMILIES: dict[str, list[tuple[str, pa.DataType]]] = {
 }
 
 
-class TableError(ValueError):
+class TableError(ConfigError):
     """A profile table that does not follow the contract; the message names what is wrong."""
 
 

@@ -11,13 +11,10 @@ operator times and reports the band of the headline metrics.
 """
 from __future__ import annotations
 
-import os
-import sys
 
-import hydra
 from omegaconf import DictConfig, open_dict
 
-from conf import ConfigError, main_guard, to_hw, to_model
+from conf import cli, to_hw, to_model
 from sim.config import register
 from sim.core import SimResult, simulate
 
@@ -48,15 +45,11 @@ def run(cfg: DictConfig) -> SimResult:
 
 
 def _main(cfg: DictConfig) -> None:
-    try:
-        if not cfg.sim.out_dir:
-            from hydra.core.hydra_config import HydraConfig
-            with open_dict(cfg):
-                cfg.sim.out_dir = HydraConfig.get().runtime.output_dir
-        result = run(cfg)
-    except ConfigError as exc:      # raised inside Hydra's job: one line, as main_guard would
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    if not cfg.sim.out_dir:
+        from hydra.core.hydra_config import HydraConfig
+        with open_dict(cfg):
+            cfg.sim.out_dir = HydraConfig.get().runtime.output_dir
+    result = run(cfg)
     from sim.outputs import summary_table
     s = result.summary
     print(f"{cfg.model.name} on {cfg.hw.name} tp={cfg.parallel.tp} pp={cfg.parallel.pp} "
@@ -70,8 +63,7 @@ def _main(cfg: DictConfig) -> None:
 
 def main() -> None:
     register()
-    os.environ.setdefault("HYDRA_FULL_ERROR", "1")   # let main_guard print Hydra errors in one line
-    main_guard(hydra.main(version_base="1.3", config_path="pkg://conf", config_name="sim")(_main))()
+    cli("sim", _main)
 
 
 if __name__ == "__main__":
