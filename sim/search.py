@@ -24,20 +24,18 @@ seed-screening passes that keep the default search fast are described in ``run_s
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import hydra
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import conf
-from conf import ConfigError, main_guard
+from conf import ConfigError, cli
 from sim.capacity import slo_limits
 from sim.config import register
 from sim.search_exec import Task, check_fits, executor, simulate_summary
@@ -260,11 +258,7 @@ def summary_table(ranked: pd.DataFrame, rows: int = 15) -> str:
 
 
 def _main(cfg: DictConfig) -> None:
-    try:
-        outcome = run_search(cfg)
-    except ConfigError as exc:     # raised inside Hydra's job: SystemExit passes without its log
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    outcome = run_search(cfg)
     print(summary_table(outcome.ranked))
     skipped = int((outcome.ranked["status"] == "skipped").sum())
     print(f"{len(outcome.ranked)} candidates ({skipped} skipped, reasons in ranked.csv); "
@@ -275,10 +269,7 @@ def _main(cfg: DictConfig) -> None:
 
 def main() -> None:
     register()
-    # Let ConfigError/Hydra errors reach main_guard (one line, exit 2) instead of Hydra's report.
-    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-    hydra_main = hydra.main(version_base="1.3", config_path="pkg://conf", config_name="search")
-    main_guard(hydra_main(_main))()
+    cli("search", _main)
 
 
 if __name__ == "__main__":

@@ -131,10 +131,13 @@ def code_fingerprint() -> str:
     shapes), so stored probes are not reused after that code changes. The search's own
     modules are left out: changing how the search runs does not change a probe's result."""
     root = Path(__file__).resolve().parents[1]
-    own = {"capacity.py", "bench.py"}
-    files = [p for p in sorted((root / "sim").rglob("*.py"))
-             if not p.name.startswith("search") and p.name not in own]
-    files += sorted((root / "estimator").rglob("*.py")) + [root / "conf" / "shapes.py"]
+    # Entry points that only run, train, time or write things do not change a probe's numbers.
+    entry_points = {"capacity.py", "bench.py", "run.py", "outputs.py", "train.py", "predict.py",
+                    "evaluate.py"}
+    sources = sorted((root / "sim").rglob("*.py")) + sorted((root / "estimator").rglob("*.py"))
+    files = [p for p in sources
+             if not p.name.startswith("search") and p.name not in entry_points]
+    files.append(root / "conf" / "shapes.py")
     digest = hashlib.sha1()
     for path in files:
         digest.update(str(path.relative_to(root)).encode())
