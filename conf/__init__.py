@@ -18,7 +18,7 @@ from conf.schema import DTYPE_BYTES, HwConf, ModelConf, ParallelConf, register
 CONF_DIR = Path(__file__).resolve().parent
 
 __all__ = ["CONF_DIR", "DTYPE_BYTES", "HwConf", "ModelConf", "ParallelConf", "ConfigError",
-           "choices", "cli", "compose", "to_hw", "to_model", "register"]
+           "choices", "cli", "compose", "user_errors", "to_hw", "to_model", "register"]
 
 
 class ConfigError(ValueError):
@@ -94,6 +94,24 @@ def _fail(message: str) -> None:
     raise SystemExit(2) from None
 
 
+def user_errors(fn: Callable[[], None]) -> None:
+    """Call ``fn``; configuration mistakes end with one ``error:`` line on stderr and exit 2."""
+    import yaml
+    from hydra.errors import HydraException
+
+    try:
+        fn()
+    except ConfigError as exc:
+        _fail(str(exc))
+    except HydraException as exc:
+        _fail(explain_hydra_error(exc))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" ({mark.name}, line {mark.line + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        _fail(f"malformed YAML{where}: {problem}")
+
+
 def cli(config_name: str, job: Callable[[DictConfig], None]) -> None:
     """Run ``job(cfg)`` as the Hydra app ``config_name``; user mistakes end with one line and exit 2.
 
@@ -102,24 +120,11 @@ def cli(config_name: str, job: Callable[[DictConfig], None]) -> None:
     YAML) surface outside it once HYDRA_FULL_ERROR lets them through.
     """
     import hydra
-    import yaml
-    from hydra.errors import HydraException
 
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     register()
 
     def task(cfg: DictConfig) -> None:
-        try:
-            job(cfg)
-        except ConfigError as exc:
-            _fail(str(exc))
+        user_errors(lambda: job(cfg))
 
-    try:
-        hydra.main(version_base="1.3", config_path="pkg://conf", config_name=config_name)(task)()
-    except HydraException as exc:
-        _fail(explain_hydra_error(exc))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" ({mark.name}, line {mark.line + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        _fail(f"malformed YAML{where}: {problem}")
+    user_errors(hydra.main(version_base="1.3", config_path="pkg://conf", config_name=config_name)(task))

@@ -60,5 +60,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from profiler.run import cli
-    cli(lambda: main(sys.argv[1:]))
+    from conf import user_errors
+    user_errors(lambda: main(sys.argv[1:]))

@@ -205,9 +205,10 @@ def run(cfg) -> None:
 
 
 def main() -> None:
+    from conf import user_errors
     from profiler.config import compose
-    from profiler.run import cli
-    cli(lambda: run(compose(sys.argv[1:])))
+    # Composed directly, not via @hydra.main: under torchrun every rank would own an output dir.
+    user_errors(lambda: run(compose(sys.argv[1:])))
 
 
 if __name__ == "__main__":
