@@ -14,7 +14,7 @@ import pandas as pd
 from conf.schema import HwConf
 from estimator.features import EstimatorError
 from estimator.model import QUANTILES, FamilyModel, warn_once
-from profiler.tables import FAMILIES
+from profiler.tables import FAMILIES, file_sha256
 
 
 def estimators_dir(hw_name: str, data_dir: str | Path = "data") -> Path:
@@ -28,14 +28,6 @@ def available_hw(data_dir: str | Path = "data") -> list[str]:
 
 def model_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.glob("*") if p.suffix in (".ubj", ".json") and not p.name.startswith("report"))
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def files_sha256(paths: list[Path]) -> str:

@@ -25,7 +25,7 @@ from estimator import evaluate as ev
 from estimator.config import register
 from estimator.features import SHAPE_COLUMNS, measured_us
 from estimator.model import FamilyModel, _atomic_bytes, serving_context
-from estimator.predictors import file_sha256
+from profiler.tables import file_sha256
 from profiler import tables
 
 log = logging.getLogger("estimator")

@@ -33,7 +33,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 import conf
-from profiler import importing as imp
+from profiler import importing as imp, tables
 
 TOOL = "aiconfigurator"
 SYSTEMS = {"h100": "h100_sxm", "a100": "a100_sxm"}
@@ -210,7 +210,7 @@ def import_aiconfigurator(path: Path, hw: str, out_dir: Path) -> dict[str, int]:
         out = out.assign(backend=f"{fw}-{ver}", time_us_mean=imp.ms_to_us(out.pop("latency")))
         out = out.assign(**{k: v for k, v in COMMON.items() if k not in out.columns})
         rows.setdefault(fam, []).append(out)
-        metas.setdefault(fam, []).append({"path": where, "sha256": imp.sha256(table), "backend": f"{fw}-{ver}",
+        metas.setdefault(fam, []).append({"path": where, "sha256": tables.file_sha256(table), "backend": f"{fw}-{ver}",
                                           "kernel_source": kernels, "rows_in": len(df), "rows_kept": len(out)})
     written = {}
     for fam, frames in sorted(rows.items()):

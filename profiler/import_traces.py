@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 
 import conf
-from profiler import importing as imp
+from profiler import importing as imp, tables
 
 USAGE = "python -m profiler.import_traces PATH name=NAME [out_dir=data/traces]"
 
@@ -85,7 +85,7 @@ def import_trace(path: Path, name: str, out_dir: Path) -> Path:
     meta = {"kind": "request_trace", "name": name, "source": "vidur", "via": imp.UPSTREAM["vidur"],
             "licence": "unknown (not one of the traces Vidur ships)",
             "file": {"path": f"data/processed_traces/{path.name}" if path.name in KNOWN else path.name,
-                     "sha256": imp.sha256(path)},
+                     "sha256": tables.file_sha256(path)},
             **KNOWN.get(path.name, {}), "num_requests": len(out),
             "has_arrival_times": "arrived_at_s" in out.columns,
             "units": ("arrived_at_s: seconds since the first request (source 'arrived_at', s); "

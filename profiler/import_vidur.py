@@ -21,7 +21,7 @@ from typing import Sequence
 import pandas as pd
 
 import conf
-from profiler import importing as imp
+from profiler import importing as imp, tables
 
 TOOL = "vidur"
 STATS = {"median": "time_us_median", "mean": "time_us_mean", "min": "time_us_min", "std": "time_us_std"}
@@ -181,13 +181,13 @@ def import_vidur(path: Path, hw: str, out_dir: Path, model: str | None = None) -
         card = resolve_model(csv, model)
         for fam, fr in convert_mlp(read_csv(csv), card, where).items():
             rows[fam].append(fr)
-        files.append({"path": where, "sha256": imp.sha256(csv), "model": card.name})
+        files.append({"path": where, "sha256": tables.file_sha256(csv), "model": card.name})
     for csv in nets:
         where = imp.rel(csv, base)
         network = csv.parent.name
         fr = convert_network(read_csv(csv), network, csv.stem, where)
         rows["collective"].append(fr.assign(timer="kineto"))
-        files.append({"path": where, "sha256": imp.sha256(csv), "network": network})
+        files.append({"path": where, "sha256": tables.file_sha256(csv), "network": network})
     meta = {**imp.UPSTREAM[TOOL], "importer": f"profiler.import_vidur v{imp.IMPORTER_VERSION}",
             "files_relative_to": "the folder holding profiling/ (upstream: vidur's data/)",
             "units": "source ms x 1000 -> time_us_*; Vidur network size is bytes",

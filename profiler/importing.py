@@ -7,7 +7,6 @@ into the file's metadata under ``sources.<tool>``; nothing time- or host-depende
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -72,14 +71,6 @@ def positive_ints(df: pd.DataFrame, columns: Sequence[str], where: str) -> None:
         if v.isna().any() or (v <= 0).any() or (v != np.floor(v)).any():
             raise SourceFormatError(f"{where}: column {c} must hold positive integers, found "
                                     f"{df[c][v.isna() | (v <= 0) | (v != np.floor(v))].iloc[0]!r}")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def rel(path: Path, root: Path) -> str:

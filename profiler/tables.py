@@ -6,6 +6,7 @@ under the key ``opcast``. This module needs only pyarrow/pandas (no torch).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -121,3 +122,12 @@ def read_dir(directory: str | Path, family: str) -> pd.DataFrame:
     if not p.exists():
         return schema(family).empty_table().to_pandas()
     return read(p, family)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Content hash of a file (inputs' provenance, trained models' data fingerprint)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
