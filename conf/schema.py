@@ -6,7 +6,7 @@ Each job adds its own groups (profiler, sim, ...) in its own package.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore

@@ -21,6 +21,7 @@ import xgboost as xgb
 
 from conf.schema import HwConf
 from estimator import features as F
+from estimator.features import EstimatorError
 
 log = logging.getLogger("estimator")
 QUANTILES = ("p10", "p50", "p90")

@@ -93,7 +93,7 @@ def time_cuda(fn, *, warmup: int = 3, repeats: int = 20, min_repeats: int = 3, m
     try:
         samples = _run_budget(step, 1, repeats, min_repeats, max_s)
     finally:
-        del graph, flush                # graph pools leak GiBs across shapes otherwise
+        graph = flush = None            # graph pools leak GiBs across shapes otherwise
         torch.cuda.empty_cache()
     return Timing(samples, "cuda_graph" if used_graph else "cuda_event", "flush" if l2_flush else "hot", used_graph)
 

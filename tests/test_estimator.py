@@ -194,3 +194,10 @@ def test_predict_cli_adds_columns_and_rejects_bad_input(trained, tmp_path):
     shapes.drop(columns=["k"]).to_parquet(inp)
     bad = subprocess.run([*cmd, f"+input={inp}", f"+output={out}"], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "lacks columns k" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_loading_an_untrained_family_names_the_training_command(tmp_path):
+    from conf import ConfigError
+    from estimator.model import FamilyModel
+    with pytest.raises(ConfigError, match="no trained gemm model.*estimator.train"):
+        FamilyModel.load(tmp_path, "gemm")

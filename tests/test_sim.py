@@ -13,7 +13,7 @@ import sim
 from conf import ConfigError, to_hw, to_model
 from estimator.runtime import load_op_times
 from sim import workload as workloads
-from sim.metrics import REQUEST_METRICS, STATS, LogHistogram
+from sim.metrics import REQUEST_METRICS, LogHistogram
 
 REPO = Path(__file__).resolve().parents[1]
 CARD = lambda group, name: OmegaConf.load(REPO / "conf" / group / f"{name}.yaml")  # noqa: E731
