@@ -57,6 +57,7 @@ class ProfileConf:
     repeats: int = 20
     min_repeats: int = 3              # a point stops early after max_seconds_per_point ...
     max_seconds_per_point: float = 1.0  # ... once it has min_repeats samples
+    passes: int = 1                   # >1: split the repeats over this many passes through the grid
     l2_flush: bool = True             # GPU only; CPU rows are always l2_policy=hot
     cuda_graph: bool = False
     resume: bool = True               # false: ignore (and replace) the rows already in out_dir

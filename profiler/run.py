@@ -131,15 +131,16 @@ def common_columns(setup: Setup, family: str, op: str) -> dict:
             "threads": setup.threads}
 
 
-def measure(setup: Setup, family: str, point: dict) -> dict:
-    """One row: the point's columns, its timing statistics and status (ok | oom)."""
+def measure(setup: Setup, family: str, point: dict, repeats: int | None = None, earlier=None) -> dict:
+    """One row: the point's columns, its timing statistics and status (ok | oom).
+    ``earlier``: samples (µs) of this point from earlier passes, pooled into the statistics."""
     from profiler.timing import is_oom, stats, time_cpu, time_cuda
     import torch
     p = setup.pcfg
     row = {**{k: v for k, v in point.items() if not k.startswith("_")}, **common_columns(setup, family, point["op"])}
     torch.manual_seed(int(p.seed))
-    kw = dict(warmup=int(p.warmup), repeats=int(p.repeats), min_repeats=int(p.min_repeats),
-              max_s=float(p.max_seconds_per_point))
+    kw = dict(warmup=int(p.warmup), repeats=int(p.repeats if repeats is None else repeats),
+              min_repeats=int(p.min_repeats), max_s=float(p.max_seconds_per_point))
     try:
         fn = build_kernel(setup, family, point)
         if setup.device == "cuda":
@@ -153,7 +154,8 @@ def measure(setup: Setup, family: str, point: dict) -> dict:
             torch.cuda.empty_cache()
         return {**row, "status": "oom", **{c: float("nan") for c in tables.STAT_COLUMNS}, "repeats": 0}
     row.update(timer=timing.timer, l2_policy=timing.l2_policy, cuda_graph=timing.cuda_graph)
-    return {**row, "status": "ok", **stats(timing.samples_us)}
+    samples = list(earlier or []) + timing.samples_us
+    return {**row, "status": "ok", **stats(samples), "_samples": samples}
 
 
 def key(row: dict, family: str) -> tuple:
@@ -215,17 +217,38 @@ def run(cfg: DictConfig) -> dict:
     if setup.pcfg.max_points > 0:
         todo = todo[:int(setup.pcfg.max_points)]
     counts = {f: 0 for f in setup.points}
+    # A noisy host (shared cores, neighbours) slows whole seconds at a time: with passes > 1 the
+    # repeats of every point are split over that many passes through the grid, each in its own
+    # shuffled order, so one slow stretch touches few samples of any point. Rows are written in
+    # the last pass (an interrupted run resumes from the points finished there).
+    passes = max(1, int(setup.pcfg.passes))
+    per_pass = max(int(setup.pcfg.min_repeats), -(-int(setup.pcfg.repeats) // passes))
+    earlier: dict[int, list[float]] = {}
     last_flush = time.monotonic()
     from tqdm import tqdm
-    bar = tqdm(todo, desc=f"profile {setup.hw.name}/{setup.model.name}", unit="pt", disable=not setup.pcfg.progress,
-               file=sys.stderr)
+    bar = tqdm(total=len(todo) * passes, desc=f"profile {setup.hw.name}/{setup.model.name}", unit="pt",
+               disable=not setup.pcfg.progress, file=sys.stderr)
     try:
-        for n, (family, point) in enumerate(bar, 1):
-            store.add(family, measure(setup, family, point))
-            counts[family] += 1
-            if n % int(setup.pcfg.flush_every_points) == 0 or time.monotonic() - last_flush > setup.pcfg.flush_every_s:
-                store.flush()
-                last_flush = time.monotonic()
+        n = 0
+        for pass_no in range(passes):
+            order = list(range(len(todo)))
+            if pass_no:
+                random.Random(int(setup.pcfg.seed) + pass_no).shuffle(order)
+            for i in order:
+                family, point = todo[i]
+                row = measure(setup, family, point, per_pass if passes > 1 else None, earlier.get(i))
+                samples = row.pop("_samples", None)
+                bar.update(1)
+                if pass_no < passes - 1:
+                    if samples is not None:
+                        earlier[i] = samples
+                    continue
+                store.add(family, row)
+                counts[family] += 1
+                n += 1
+                if n % int(setup.pcfg.flush_every_points) == 0 or time.monotonic() - last_flush > setup.pcfg.flush_every_s:
+                    store.flush()
+                    last_flush = time.monotonic()
     finally:
         store.flush()
         bar.close()

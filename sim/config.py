@@ -73,6 +73,9 @@ class SimConf:
     # iteration, Vidur §cpu_overhead); not measured here - the fidelity work calibrates it.
     cpu_overhead_per_iteration_us: float = 1000.0
     cpu_overhead_per_sequence_us: float = 10.0
+    # Per scheduled token (input ids/positions/slot mapping, and what the engine's forward adds
+    # to the isolated operators per token); 0 by default, fitted by bench/fidelity.
+    cpu_overhead_per_token_us: float = 0.0
     print_summary: bool = True
 
 

@@ -117,7 +117,7 @@ def simulate(cfg: DictConfig, op_times=None, *, outputs: bool | None = None) -> 
     sched_conf = SchedulerConf(**OmegaConf.to_container(sc, resolve=True))  # plain attrs: fast
     for i in range(n_rep):
         cost = BatchCost(op_times, model, pp, cfg.sim.cpu_overhead_per_iteration_us,
-                         cfg.sim.cpu_overhead_per_sequence_us)
+                         cfg.sim.cpu_overhead_per_sequence_us, cfg.sim.cpu_overhead_per_token_us)
         blocks = Blocks(plan.num_blocks, sc.block_size, sc.watermark)
         replicas.append(Replica(i, SCHEDULERS[sc.name](sched_conf), blocks, cost, pp))
     engine = Engine(replicas, cfg.router.name, int(cfg.seed), metrics, cfg.sim.fast_forward,

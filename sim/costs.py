@@ -3,7 +3,7 @@
 One iteration on one pipeline stage takes
 ``layers_on_stage * (token ops + TP all-reduces + attention)`` + the PP send of its hidden
 states (all but the last stage) + the LM head (last stage) + the CPU overhead (first stage:
-``per_iteration_us + per_sequence_us * sequences``).
+``per_iteration_us + per_sequence_us * sequences + per_token_us * tokens``).
 
 Prefill (and mixed) batches ask the estimator for their attention directly. Decode-only
 iterations are the hot loop (tens of thousands per simulation, several per event when
@@ -42,11 +42,12 @@ class BatchCost:
     """Stage times (µs) of batches of one replica, from one OpTimes."""
 
     def __init__(self, op_times, model: ModelConf, pp: int, cpu_per_iteration_us: float,
-                 cpu_per_sequence_us: float):
+                 cpu_per_sequence_us: float, cpu_per_token_us: float = 0.0):
         self.op = op_times
         self.pp = pp
         self.layers = stage_layers(model.num_layers, pp)
         self.cpu_iter_us, self.cpu_seq_us = cpu_per_iteration_us, cpu_per_sequence_us
+        self.cpu_tok_us = cpu_per_token_us
         try:
             self._dec_memo = _MEMOS.setdefault(op_times, {})
         except TypeError:          # an OpTimes that cannot be weakly referenced: memo per run
@@ -87,7 +88,7 @@ class BatchCost:
         const = self._dec_const.get(n)
         if const is None:
             const = self._dec_const[n] = (L * (op.layer_token_ops_us(n) + op.layer_allreduce_us(n))
-                                          + op.lm_head_us(n) + self.cpu_iter_us + self.cpu_seq_us * n)
+                                          + op.lm_head_us(n) + self.cpu_iter_us + (self.cpu_seq_us + self.cpu_tok_us) * n)
         b0, b1, fb = _cell(n)
         k0, k1, _ = _cell(x)
         p = self._dec_point
@@ -115,6 +116,6 @@ class BatchCost:
             t = layers * per_layer
             t += op.lm_head_us(num_sampled) if s == last else op.send_recv_us(num_tokens)
             if s == 0:
-                t += self.cpu_iter_us + self.cpu_seq_us * seqs
+                t += self.cpu_iter_us + self.cpu_seq_us * seqs + self.cpu_tok_us * num_tokens
             out.append(t)
         return out

@@ -88,9 +88,15 @@ def test_overhead_fit_recovers_line_despite_outliers():
     fit = calibrate.fit_linear(y, seqs)
     assert fit.per_iteration_us == pytest.approx(900, abs=15)
     assert fit.per_sequence_us == pytest.approx(35, abs=1)
-    assert fit.num_dropped >= 10
-    with pytest.raises(ValueError, match=">= 3 back-to-back"):
+    assert fit.num_dropped >= 10 and fit.per_token_us == 0.0
+    with pytest.raises(ValueError, match="got 2 back-to-back"):
         calibrate.fit_linear([1.0, 2.0], [1, 2])
+    # With tokens that differ from sequences (prefill chunks), the per-token part separates.
+    tokens = seqs + rng.integers(0, 2, 300) * rng.integers(1, 500, 300)
+    y3 = 900.0 + 35.0 * seqs + 0.8 * tokens + rng.normal(0, 20, 300)
+    fit3 = calibrate.fit_linear(y3, seqs, tokens)
+    assert fit3.per_token_us == pytest.approx(0.8, abs=0.05)
+    assert fit3.per_sequence_us == pytest.approx(35, abs=2)
 
 
 class _Cost:
@@ -109,9 +115,14 @@ def test_decompose_splits_overhead_from_forward():
     dec = calibrate.decompose(it, cost, decode_kv=100.0)
     assert dec["num_back_to_back"] == 13     # all but the first (nothing ran before it)
     assert cost.calls[7] == (2022, [(289, 289)] * 4 + [(288, 288)] * 3, 2, 200)   # 2020 tokens over 7 chunks
-    core = dec["engine_core_overhead_fit"]
+    core, worker = dec["engine_core_overhead_fit"], dec["worker_overhead_fit"]
     gaps = (it.gap_ms - it.elapsed_ms).iloc[1:] * 1e3
     assert gaps.min() - 1 <= core["per_iteration_us"] + core["per_sequence_us"] <= gaps.max() + 1
+    # The simulator's terms are the worker's (forward - prediction) plus the engine core's.
+    total = dec["cpu_overhead_fit"]
+    assert total["per_iteration_us"] == pytest.approx(worker["per_iteration_us"] + core["per_iteration_us"], abs=0.01)
+    assert total["per_sequence_us"] == pytest.approx(worker["per_sequence_us"] + core["per_sequence_us"], abs=0.01)
+    assert total["per_token_us"] == pytest.approx(worker["per_token_us"], abs=0.01)
     assert dec["forward_by_kind"]["decode"]["count"] == 7   # iterations 1-5, 12, 13
     assert calibrate.mean_decode_kv([{"input_length": 10, "output_length": 3}]) == pytest.approx(11.5)
 
@@ -135,8 +146,34 @@ def test_trace_is_seeded_and_simulated_in_order(tmp_path):
     path = simulate.write_trace_parquet(a, tmp_path / "t.parquet")
     base, it0, _ = simulate.simulate_trace(path, len(a), simulate.overhead_overrides(0.0, 0.0))
     slow, it1, _ = simulate.simulate_trace(path, len(a), simulate.overhead_overrides(5000.0, 0.0))
+    per_tok = simulate.simulate_trace(path, len(a), simulate.overhead_overrides(0.0, 0.0, 100.0))[0]
+    # The first request prefills alone on an idle engine: 100 us more per prompt token.
+    assert per_tok.ttft_s[0] - base.ttft_s[0] == pytest.approx(100e-6 * a[0]["input_length"], rel=1e-6)
+    assert per_tok.ttft_s.mean() > base.ttft_s.mean()
     assert list(base.input_len) == [r["input_length"] for r in a]
     assert list(base.output_len) == [r["output_length"] for r in a]
     assert (slow.tpot_s > base.tpot_s).all()          # 5 ms more per iteration slows every token
     assert (it1.period_ms - it1.forward_ms).round(6).eq(5.0).all()
     assert (it0.period_ms == it0.forward_ms).all()
+
+
+def test_recorded_repeats_are_pooled_on_the_wall_clock(tmp_path):
+    from bench.fidelity import run
+    eng = tmp_path / "engine"
+    eng.mkdir()
+    for rep, (offset, ttft) in enumerate([(1000.0, 0.10), (2000.0, 0.12)]):
+        stem = eng / f"calib_rep{rep}"
+        pd.DataFrame({"input_len": [5, 6], "output_len": [3, 4], "ttft_s": [ttft, ttft],
+                      "e2e_s": [0.5, 0.6], "tpot_s": [0.2, 0.16], "start_time_s": [1.0, 2.0]}
+                     ).to_parquet(f"{stem}_requests.parquet")
+        pd.DataFrame({"ctx_requests": [1], "gen_requests": [0]}).to_parquet(f"{stem}_iterations.parquet")
+        Path(f"{stem}_meta.json").write_text(json.dumps({"clock_offset_s": offset, "spec": {}, "repeat": rep}))
+    reqs, iters, metas, tr = run.load_recorded(tmp_path, "calib")
+    assert len(reqs) == len(iters) == len(metas) == 2 and tr == tmp_path / "traces" / "calib.parquet"
+    assert list(reqs[1].start_wall_s) == [2001.0, 2002.0] and list(iters[1].repeat) == [1]
+    spread = run.repeat_spread(reqs)
+    assert spread["ttft_s"]["repeat_means"] == pytest.approx([0.10, 0.12])
+    assert spread["ttft_s"]["spread_pct"] == pytest.approx(0.02 / 0.11 * 100)
+    assert spread["e2e_s"]["spread_pct"] == 0.0
+    with pytest.raises(FileNotFoundError, match="no recorded engine data for other"):
+        run.load_recorded(tmp_path, "other")

@@ -118,16 +118,35 @@ def test_interrupted_run_keeps_what_it_measured(tmp_path, monkeypatch):
     from profiler import run as run_mod
     real, calls = run_mod.measure, []
 
-    def measure(setup, family, point):
+    def measure(setup, family, point, *rest):
         if len(calls) == 5:
             raise KeyboardInterrupt
         calls.append(point)
-        return real(setup, family, point)
+        return real(setup, family, point, *rest)
     monkeypatch.setattr(run_mod, "measure", measure)
     with pytest.raises(KeyboardInterrupt):
         run_mod.run(_cfg(tmp_path, "profile.families=[elementwise]", "profile.flush_every_points=1000"))
     assert len(tables.read(tmp_path / "elementwise.parquet")) == 5
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_passes_pool_samples_taken_in_separate_sweeps(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    from profiler import run as run_mod
+    real, seen = run_mod.measure, []
+
+    def measure(setup, family, point, repeats=None, earlier=None):
+        seen.append((point["op"], point["num_tokens"], repeats, len(earlier or [])))
+        return real(setup, family, point, repeats, earlier)
+    monkeypatch.setattr(run_mod, "measure", measure)
+    counts = run_mod.run(_cfg(tmp_path, "profile.families=[elementwise]", "profile.passes=2",
+                              "profile.repeats=4", "profile.min_repeats=1", "profile.warmup=1"))
+    df = tables.read(tmp_path / "elementwise.parquet")
+    assert len(df) == counts["elementwise"] == len(seen) // 2     # every point visited once per pass
+    assert (df.repeats == 4).all()                                # 2 samples per pass, pooled
+    first, second = seen[:len(seen) // 2], seen[len(seen) // 2:]
+    assert {s[3] for s in first} == {0} and {s[3] for s in second} == {2}
+    assert [s[:2] for s in first] != [s[:2] for s in second]      # each pass in its own order
 
 
 def test_out_of_memory_is_a_row_not_a_crash(tmp_path, monkeypatch):

@@ -238,12 +238,12 @@ def test_a_lone_prefill_takes_the_estimators_time(op_times, pp):
     per stage + send/recv between stages + LM head + CPU overhead, from OpTimes itself."""
     cfg = sim.compose(["workload=fixed", "workload.num_requests=1", "workload.prefill_tokens=700",
                        f"parallel.pp={pp}", "sim.cpu_overhead_per_iteration_us=500",
-                       "sim.cpu_overhead_per_sequence_us=7"])
+                       "sim.cpu_overhead_per_sequence_us=7", "sim.cpu_overhead_per_token_us=0.5"])
     res = sim.simulate(cfg, op_times=op_times)
     ot, n = op_times, 700
     per_layer = ot.layer_token_ops_us(n) + ot.layer_allreduce_us(n) + ot.layer_attention_us([n], [n], ())
     layers = [32] if pp == 1 else [16, 16]
-    expected_us = sum(layers) * per_layer + ot.lm_head_us(1) + 500 + 7 + (pp - 1) * ot.send_recv_us(n)
+    expected_us = sum(layers) * per_layer + ot.lm_head_us(1) + 500 + 7 + 0.5 * n + (pp - 1) * ot.send_recv_us(n)
     assert res.requests.ttft_s[0] == pytest.approx(expected_us * 1e-6, rel=1e-9)
 
 

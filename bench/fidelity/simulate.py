@@ -30,9 +30,10 @@ def write_trace_parquet(requests: list[dict], path: str | Path) -> Path:
     return path
 
 
-def overhead_overrides(per_iteration_us: float, per_sequence_us: float) -> list[str]:
+def overhead_overrides(per_iteration_us: float, per_sequence_us: float, per_token_us: float = 0.0) -> list[str]:
     return [f"sim.cpu_overhead_per_iteration_us={per_iteration_us:.3f}",
-            f"sim.cpu_overhead_per_sequence_us={per_sequence_us:.3f}"]
+            f"sim.cpu_overhead_per_sequence_us={per_sequence_us:.3f}",
+            f"sim.cpu_overhead_per_token_us={per_token_us:.3f}"]
 
 
 def simulate_trace(trace_parquet: str | Path, num_requests: int, overrides=(), op_times=None):
@@ -45,10 +46,11 @@ def simulate_trace(trace_parquet: str | Path, num_requests: int, overrides=(), o
     req = req.rename(columns={"num_prefill_tokens": "input_len", "num_decode_tokens": "output_len"})
     per_iter = cfg.sim.cpu_overhead_per_iteration_us
     per_seq = cfg.sim.cpu_overhead_per_sequence_us
+    per_tok = cfg.sim.cpu_overhead_per_token_us
     rows = [(kind, batch, tokens if kind != "decode" else batch, dur_s * 1e3)
             for _, stage, _, dur_s, kind, batch, tokens in result.trace if stage == 0]
     iters = pd.DataFrame(rows, columns=["kind", "seqs", "num_tokens", "period_ms"])
-    iters["forward_ms"] = iters["period_ms"] - (per_iter + per_seq * iters["seqs"]) / 1e3
+    iters["forward_ms"] = iters["period_ms"] - (per_iter + per_seq * iters["seqs"] + per_tok * iters["num_tokens"]) / 1e3
     if len(result.trace) >= cfg.sim.max_trace_events:
         iters = iters.iloc[0:0]   # truncated trace: no per-iteration comparison
     summary = dict(result.summary, op_source=result.op_source)
