@@ -285,7 +285,8 @@ def evaluate(args, specs: dict) -> dict:
 
     out = {"engine_settings": asdict(engine.EngineSettings()), "op_source": op_times.source,
            "op_quantile": args.op_quantile,
-           "op_estimator": str(est) if op_dir != REPO / "data" else "data/estimators/cpu",
+           "op_estimator": (str(est.resolve().relative_to(REPO)) if est.resolve().is_relative_to(REPO) else str(est))
+                           if op_dir != REPO / "data" else "data/estimators/cpu",
            "calibration": {"trace": calib_name, **terms},
            "diagnostic_scaled_op_times": {"scale": scale, "calibration": scaled_terms, "runs": {}},
            "runs": {}}
