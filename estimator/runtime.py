@@ -104,7 +104,6 @@ class OpTimes:
         # then interpolate: 8x fewer model rows at max_tokens=16384, so a cold load stays ~1 s.
         n = self.max_tokens
         tokens = np.unique(np.concatenate([np.arange(1, min(n, 1024) + 1), np.arange(1024, n + 1, 16), [n]]))
-        tokens = tokens[tokens <= n]
         everyone = np.arange(1, n + 1)
         def table(values):  # index = tokens; more tokens never cost less
             return np.concatenate([[0.0], np.maximum.accumulate(np.interp(everyone, tokens, values))])

@@ -42,7 +42,7 @@ def fit_linear(y_us, seqs, tokens=None) -> LinearFit:
     ok = ~np.isnan(y)
     y, x = y[ok], x[ok]
     if len(y) < 3:
-        raise ValueError(f"need >= 3 iterations to fit the CPU overhead, got {len(y)} back-to-back")
+        raise ValueError(f"need >= 3 iterations to fit the CPU overhead, got {len(y)}")
     cols = [np.ones_like(x), x]
     if t is not None and (t[ok] != x).any():
         cols.append(t[ok])

@@ -15,6 +15,7 @@ Engine runs resume: a trace whose result exists under --work-dir is not replayed
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -176,7 +177,7 @@ def load_recorded(data: Path, name: str):
     """Every recorded repeat of one trace: (requests, iterations, meta) lists and the sim trace.
     Requests get ``start_wall_s`` (client start on the wall clock) so repeats can be pooled."""
     reqs, iters, metas = [], [], []
-    for rep in range(1000):
+    for rep in itertools.count():
         stem = data / "engine" / f"{name}_rep{rep}"
         if not Path(f"{stem}_requests.parquet").exists():
             break
@@ -267,8 +268,8 @@ def evaluate(args, specs: dict) -> dict:
     terms = fit_terms(c_reqs, c_iters, c_tr, op_times, model)
     # Diagnostic: the same calibration after scaling every operator time by one factor fitted
     # to the engine's forward times - the error left is scheduling and overhead, not operators.
-    scale = calibrate.fit_forward_scale(pd.concat(c_iters, ignore_index=True),
-                                        BatchCost(op_times, model, 1, 0.0, 0.0),
+    forward_only = BatchCost(op_times, model, 1, 0.0, 0.0)
+    scale = calibrate.fit_forward_scale(pd.concat(c_iters, ignore_index=True), forward_only,
                                         calibrate.mean_decode_kv(trace_rows(c_tr)))
     scaled_op = simulate.ScaledOpTimes(op_times, scale)
     scaled_terms = fit_terms(c_reqs, c_iters, c_tr, scaled_op, model)
@@ -290,7 +291,6 @@ def evaluate(args, specs: dict) -> dict:
            "calibration": {"trace": calib_name, **terms},
            "diagnostic_scaled_op_times": {"scale": scale, "calibration": scaled_terms, "runs": {}},
            "runs": {}}
-    forward_only = BatchCost(op_times, model, 1, 0.0, 0.0)
     for name in specs:
         rep_reqs, rep_iters, metas, tr_path = load_recorded(data, name)
         n, r = len(rep_reqs[0]), len(rep_reqs)
