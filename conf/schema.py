@@ -29,6 +29,15 @@ class HwConf:
     network: str = ""                 # key of the collective tables (e.g. h100_dgx)
     price_per_gpu_hour_usd: float = 0.0
     threads: int = 0                  # CPU threads used for profiling (0 = torch default)
+    # What a predictor needs to price a GPU it has no measurements of (estimator, fleet model),
+    # and the links that KV transfer, offload and multi-node parallelism cross.
+    arch: str = ""                    # ampere | ada | hopper | blackwell | cpu
+    sm_version: int = 0               # CUDA compute capability x 10: 80, 89, 90, 100, 103
+    sm_count: int = 0
+    peak_tflops_fp8: float = 0.0      # dense FP8 tensor TFLOP/s per device; 0 = no FP8 tensor cores
+    pcie_bw_gbps: float = 0.0         # host link per device, GB/s one direction (KV offload)
+    network_bw_gbps: float = 0.0      # inter-node bandwidth per GPU, GB/s one direction (IB/RoCE)
+    network_latency_us: float = 0.0   # inter-node point-to-point latency
 
 
 @dataclass
@@ -50,8 +59,23 @@ class ModelConf:
     rope_theta: float = 10000.0
     max_position: int = 4096
     dtype: str = "float16"
-    num_experts: int = 0              # 0 = dense MLP
-    experts_per_token: int = 0
+    # Storage precision of weights and KV cache ("" = dtype). fp8 weights: vLLM --quantization
+    # fp8 (GEMMs priced from fp8 rows, weight memory halved); fp8 KV: --kv-cache-dtype fp8.
+    weight_dtype: str = ""
+    kv_dtype: str = ""
+    num_experts: int = 0              # routed experts; 0 = dense MLP
+    experts_per_token: int = 0        # top-k
+    num_shared_experts: int = 0       # always-active experts (DeepSeek, Qwen2-MoE, Llama-4)
+    moe_ffn_size: int = 0             # intermediate size of one expert; 0 = ffn_size
+    first_dense_layers: int = 0       # leading dense layers before the MoE ones (DeepSeek)
+    moe_layer_step: int = 1           # every k-th layer is MoE, the others dense (Llama-4 Maverick)
+    # Multi-head latent attention (DeepSeek-V2/V3): kv_lora_rank > 0 turns it on; the KV cache
+    # then holds kv_lora_rank + qk_rope_head_dim values per token and layer.
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
     parallel_block: bool = False      # attention and MLP read the same input (phi-2)
     # A Hugging Face config.json that replaces the fields above (no network needed).
     hf_config: Optional[str] = None
@@ -62,6 +86,8 @@ class ParallelConf:
     tp: int = 1
     pp: int = 1
     replicas: int = 1
+    ep: int = 1                       # expert parallelism over the MoE layers (MoE models)
+    dp_attention: bool = False        # attention data-parallel over the ep group (vLLM/SGLang DP attention)
 
 
 def register() -> None:

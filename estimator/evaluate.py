@@ -7,12 +7,11 @@ so it measures what matters: pricing a model the profiles never saw.
 from __future__ import annotations
 
 import copy
-import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from conf.files import atomic_write
 from conf.schema import HwConf
 from estimator.features import measured_us
 from estimator.model import FamilyModel, folds
@@ -97,8 +96,5 @@ def plot(oof: dict[str, tuple[pd.DataFrame, pd.DataFrame]], path, title: str) ->
     axes[0][0].set_ylabel("predicted µs (k-fold p50)")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)

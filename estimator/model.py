@@ -11,14 +11,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import xgboost as xgb
 
+from conf.files import write_bytes
 from conf.schema import HwConf
 from estimator import features as F
 from estimator.features import EstimatorError
@@ -166,14 +165,14 @@ class FamilyModel:
     def save(self, directory: str | Path) -> list[Path]:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        paths = [_atomic_bytes(d / f"{self.family}.ubj", bytes(self.p50.save_raw("ubj")))]
+        paths = [write_bytes(d / f"{self.family}.ubj", bytes(self.p50.save_raw("ubj")))]
         qpath = d / f"{self.family}.q.ubj"
         if self.band is not None:
-            paths.append(_atomic_bytes(qpath, bytes(self.band.save_raw("ubj"))))
+            paths.append(write_bytes(qpath, bytes(self.band.save_raw("ubj"))))
         else:
             qpath.unlink(missing_ok=True)
         text = json.dumps(self.meta, indent=1, sort_keys=True, default=float)
-        paths.append(_atomic_bytes(d / f"{self.family}.json", text.encode()))
+        paths.append(write_bytes(d / f"{self.family}.json", text.encode()))
         return paths
 
     @classmethod
@@ -197,14 +196,3 @@ class FamilyModel:
         return cls(family, HwConf(**meta["hw"]), p50, band, meta)
 
 
-def _atomic_bytes(path: Path, data: bytes) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; shipped models are read by everyone
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -8,8 +8,6 @@ else from the file name (``gemm.parquet``), else from the columns. Rows without 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +15,7 @@ from omegaconf import DictConfig
 
 import conf
 from conf import cli
+from conf.files import atomic_write
 from estimator.config import register
 from estimator.features import SHAPE_COLUMNS, EstimatorError
 from estimator.model import QUANTILES, warn_once
@@ -71,15 +70,7 @@ def run(cfg: DictConfig) -> Path:
     family = guess_family(inp, df, cfg.family)
     predictors = Predictors.load(hw, cfg.data_dir, directory=cfg.estimators_dir or None)
     result = predict_table(df, family, predictors)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        result.to_parquet(tmp, index=False)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(out, lambda tmp: result.to_parquet(tmp, index=False))
     logging.getLogger("estimator").info("wrote %d %s predictions to %s", len(result), family, out)
     print(f"{len(result)} {family} rows priced on {hw.name} -> {out}")
     return out

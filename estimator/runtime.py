@@ -13,8 +13,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -22,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from conf import shapes
+from conf.files import atomic_write
 from conf.schema import DTYPE_BYTES, HwConf, ModelConf
 from estimator import roofline
 
@@ -260,16 +259,10 @@ def _load_npz(path) -> dict[str, np.ndarray] | None:
 
 
 def _save_npz(path, tables: dict[str, np.ndarray]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a path
             np.savez(fh, **tables)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, write)
 
 
 def cache_key(fingerprint: str, hw: HwConf, model: ModelConf, tp: int, quantile: str, max_tokens: int) -> str:

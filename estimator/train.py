@@ -21,10 +21,11 @@ from tqdm import tqdm
 
 import conf
 from conf import ConfigError, cli
+from conf.files import write_bytes
 from estimator import evaluate as ev
 from estimator.config import register
 from estimator.features import SHAPE_COLUMNS, measured_us
-from estimator.model import FamilyModel, _atomic_bytes, serving_context
+from estimator.model import FamilyModel, serving_context
 from profiler.tables import file_sha256
 from profiler import tables
 
@@ -111,9 +112,9 @@ def run(cfg: DictConfig) -> dict:
     _keep_other_families(report, out / "report.json")
     if oof and cfg.eval.plot:
         ev.plot(oof, out / "pred_vs_measured.png", f"{hw.name}: out-of-fold p50 vs measured")
-    _atomic_bytes(out / "report.json", json.dumps(report, indent=1, sort_keys=True).encode())
+    write_bytes(out / "report.json", json.dumps(report, indent=1, sort_keys=True).encode())
     text = report_markdown(report)
-    _atomic_bytes(out / "report.md", text.encode())
+    write_bytes(out / "report.md", text.encode())
     print(text)
     return report
 

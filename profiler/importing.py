@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -21,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from conf import ConfigError
+from conf.files import atomic_write
 from profiler import tables
 
 IMPORTER_VERSION = 1
@@ -135,18 +134,8 @@ def merge_write(path: Path, family: str, tool: str, hw: str, rows: pd.DataFrame,
 
 def write_table_atomic(table: pa.Table, path: Path, meta: dict) -> Path:
     """Atomic parquet write with provenance under the same metadata key as profile tables."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     table = table.replace_schema_metadata({tables.META_KEY: json.dumps(meta, sort_keys=True)})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
 def parse_cli(argv: Sequence[str], usage: str, keys: dict[str, str | None]) -> tuple[Path, dict]:

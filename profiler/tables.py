@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from conf import ConfigError
+from conf.files import atomic_write
 
 META_KEY = b"opcast"
 SCHEMA_VERSION = 1
@@ -84,19 +83,8 @@ def to_arrow(df: pd.DataFrame, family: str, provenance: dict | None = None) -> p
 
 def write(df: pd.DataFrame, path: str | Path, family: str, provenance: dict | None = None) -> Path:
     """Write atomically (temp file + rename) so an interrupted run never leaves a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     table = to_arrow(df, family, provenance)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a data file should be readable like any other
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
 def read(path: str | Path, family: str | None = None) -> pd.DataFrame:

@@ -1,35 +1,18 @@
 """Files of one simulation: per-request parquet, summary, time series, plots, Perfetto trace.
 
-All writes are atomic (temp file + os.replace). Perfetto/Chrome trace: one process per
+All writes are atomic (conf.files.atomic_write). Perfetto/Chrome trace: one process per
 replica, one thread per pipeline stage, one slice per batch (open it at ui.perfetto.dev).
 """
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from conf.files import atomic_write, write_text
+
 from sim.metrics import REQUEST_METRICS, STATS
-
-
-def _atomic(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def _write_text(path: Path, text: str) -> Path:
-    return _atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def summary_table(summary: dict, band: dict | None = None) -> str:
@@ -69,20 +52,20 @@ def write_outputs(result, cfg) -> dict[str, Path]:
     import pandas as pd
     out = Path(cfg.sim.out_dir)
     paths: dict[str, Path] = {}
-    paths["config"] = _write_text(out / "config.yaml", OmegaConf.to_yaml(cfg))
+    paths["config"] = write_text(out / "config.yaml", OmegaConf.to_yaml(cfg))
     summary = dict(result.summary)
     if result.band:
         summary["band"] = {k: list(v) for k, v in result.band.items()}
-    paths["summary"] = _write_text(out / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
+    paths["summary"] = write_text(out / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
     if result.requests is not None:
-        paths["requests"] = _atomic(out / "requests.parquet",
+        paths["requests"] = atomic_write(out / "requests.parquet",
                                     lambda tmp: result.requests.to_parquet(tmp, index=False))
     timeline = pd.DataFrame(result.timeline, columns=["time_s", "replica", "kv_util", "batch_size",
                                                        "num_running", "num_waiting"])
-    paths["timeline"] = _atomic(out / "timeline.parquet", lambda tmp: timeline.to_parquet(tmp, index=False))
+    paths["timeline"] = atomic_write(out / "timeline.parquet", lambda tmp: timeline.to_parquet(tmp, index=False))
     if cfg.sim.trace and result.trace:
         doc = perfetto_events(result.trace, cfg.parallel.pp)
-        paths["trace"] = _write_text(out / "trace.json", json.dumps(doc))
+        paths["trace"] = write_text(out / "trace.json", json.dumps(doc))
     if cfg.sim.plots:
         paths.update(plot(result, timeline, out))
     return paths
@@ -103,7 +86,7 @@ def plot(result, timeline, out: Path) -> dict[str, Path]:
             ax.set_ylabel("CDF")
             ax.grid(alpha=0.3)
         fig.tight_layout()
-        paths["cdf"] = _atomic(out / "cdf.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        paths["cdf"] = atomic_write(out / "cdf.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
         plt.close(fig)
     if len(timeline):
         fig, axes = plt.subplots(3, 1, figsize=(10, 7), sharex=True)
@@ -118,6 +101,6 @@ def plot(result, timeline, out: Path) -> dict[str, Path]:
         if timeline.replica.nunique() <= 8:
             axes[0].legend(fontsize=7)
         fig.tight_layout()
-        paths["timeseries"] = _atomic(out / "timeseries.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        paths["timeseries"] = atomic_write(out / "timeseries.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
         plt.close(fig)
     return paths

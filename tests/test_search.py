@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from conf import ConfigError
 from sim import search
-from sim.capacity import capacity_over_seeds, find_capacity, mean_ci95, slo_limits, violation
+from sim.search.capacity import capacity_over_seeds, find_capacity, mean_ci95, slo_limits, violation
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -269,7 +269,7 @@ def test_interrupted_search_resumes_without_resimulating_stored_points(tmp_path)
 
 
 def test_points_are_keyed_by_config_and_estimator_version(tmp_path):
-    from sim.search_space import config_hash, estimator_fingerprint
+    from sim.search.space import config_hash, estimator_fingerprint
     assert estimator_fingerprint(tmp_path) == "roofline"
     (tmp_path / "gemm.json").write_text("{}")
     trained = estimator_fingerprint(tmp_path)

@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from bench.fidelity import calibrate, compare, engine, parse, simulate, trace  # noqa: E402
+from conf.files import atomic_write, write_text  # noqa: E402
 
 CALIB_SEED = 100
 # Operator grid for the fidelity profile: the shapes this workload reaches (<= 1024 tokens per
@@ -142,8 +143,7 @@ def run_engine(args, specs: dict, settings: engine.EngineSettings) -> None:
             engine.bench_serve(args.venv, model_dir, path, len(reqs), d / "result.json", settings)
             time.sleep(1.0)   # let the last iteration lines reach the log
             iters = parse.read_iteration_log(log, start_byte)
-            iters.to_parquet(d / "iterations.parquet.tmp")
-            os.replace(d / "iterations.parquet.tmp", d / "iterations.parquet")
+            atomic_write(d / "iterations.parquet", lambda tmp: iters.to_parquet(tmp))
             (d / "meta.json").write_text(json.dumps({"clock_offset_s": clock_offset_s, "spec": asdict(specs[name]),
                                                      "settings": asdict(settings), "repeat": rep}))
             r = parse.read_bench_result(d / "result.json", reqs)
@@ -365,9 +365,7 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     path = Path(args.data_dir) / "report.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=1, default=float))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(report, indent=1, default=float))
     print(f"\nwrote {path}")
     return 0
 

@@ -1,11 +1,12 @@
 """Simulate a fidelity trace with opcast: same requests, same scheduler limits as the engine."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from conf.files import atomic_write
 
 # The engine's setup as sim overrides: CPU card, the tiny model, the V1 scheduler mirror, no
 # GPU-style reserved memory. Overheads are appended by the caller (calibrated or the defaults).
@@ -24,10 +25,7 @@ def write_trace_parquet(requests: list[dict], path: str | Path) -> Path:
     table = pa.table({"arrived_at_s": pa.array([float(r["timestamp"]) for r in requests], pa.float64()),
                       "num_prefill_tokens": pa.array([int(r["input_length"]) for r in requests], pa.int64()),
                       "num_decode_tokens": pa.array([int(r["output_length"]) for r in requests], pa.int64())})
-    tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def overhead_overrides(per_iteration_us: float, per_sequence_us: float, per_token_us: float = 0.0) -> list[str]:

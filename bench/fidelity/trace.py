@@ -7,10 +7,11 @@ simulator reads the same file. hash_ids are unique per 16-token chunk so no pref
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+
+from conf.files import write_text
 
 HASH_CHUNK_TOKENS = 16  # vllm bench serve's default --timed-trace-chunk-hash-size
 
@@ -50,12 +51,7 @@ def make_trace(spec: TraceSpec) -> list[dict]:
 
 
 def write_jsonl(requests: list[dict], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in requests))
-    os.replace(tmp, path)
-    return path
+    return write_text(path, "".join(json.dumps(r) + "\n" for r in requests))
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -4,7 +4,7 @@
 
 For every candidate of the space in ``search`` (hw SKU x TP x PP x scheduler knobs, replicas
 filling a fixed GPU budget; conf/search.yaml) it finds the maximum sustainable QPS under
-the SLOs (sim/capacity.py) on several seeds, prices it (hw.price_per_gpu_hour_usd) and
+the SLOs (sim/search/capacity.py) on several seeds, prices it (hw.price_per_gpu_hour_usd) and
 ranks by requests per dollar. Outputs under ``search.out_dir``:
 
 - points.parquet: every simulated probe (config hash, candidate, qps, seed, all summary
@@ -36,12 +36,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 import conf
 from conf import ConfigError, cli
-from sim.capacity import slo_limits
+from sim.search.capacity import slo_limits
 from sim.config import register
-from sim.search_exec import Task, check_fits, executor, simulate_summary
-from sim.search_report import describe, plot_pareto, rank
-from sim.search_points import PointsStore, write_atomic
-from sim.search_space import (code_fingerprint, config_hash, enumerate_space,
+from sim.search.exec import Task, check_fits, executor, simulate_summary
+from sim.search.report import describe, plot_pareto, rank
+from sim.search.points import PointsStore, write_atomic
+from sim.search.space import (code_fingerprint, config_hash, enumerate_space,
                               estimator_fingerprint)
 from sim.workload import resolve_data_dir
 

@@ -130,13 +130,13 @@ def code_fingerprint() -> str:
     """Content hash of the code that turns a config into numbers (simulator, estimator, shard
     shapes), so stored probes are not reused after that code changes. The search's own
     modules are left out: changing how the search runs does not change a probe's result."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     # Entry points that only run, train, time or write things do not change a probe's numbers.
     entry_points = {"capacity.py", "bench.py", "run.py", "outputs.py", "train.py", "predict.py",
                     "evaluate.py"}
     sources = sorted((root / "sim").rglob("*.py")) + sorted((root / "estimator").rglob("*.py"))
     files = [p for p in sources
-             if not p.name.startswith("search") and p.name not in entry_points]
+             if p.parent.name != "search" and p.name not in entry_points]
     files.append(root / "conf" / "shapes.py")
     digest = hashlib.sha1()
     for path in files:

@@ -3,10 +3,11 @@ every summary metric). It is rewritten atomically after each finished candidate,
 back as a cache so that a re-run answers those probes without simulating (resume)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pandas as pd
+
+from conf.files import atomic_write
 
 # Columns of a points row that identify the probe rather than measure it.
 IDENTITY_COLUMNS = ("config_hash", "qps", "seed", "config", "hw", "tp", "pp", "replicas", "gpus",
@@ -14,12 +15,11 @@ IDENTITY_COLUMNS = ("config_hash", "qps", "seed", "config", "hw", "tp", "pp", "r
 
 
 def write_atomic(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if path.suffix == ".csv":
-        df.to_csv(tmp, index=False)
+    """A points/ranking table as parquet, or CSV when the name says so."""
+    if Path(path).suffix == ".csv":
+        atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
     else:
-        df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+        atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
 
 
 class PointsStore:

@@ -18,9 +18,9 @@ from typing import Callable, Iterable, Iterator
 from omegaconf import OmegaConf
 
 from conf import ConfigError
-from sim.capacity import SeedCapacity, capacity_over_seeds
+from sim.search.capacity import SeedCapacity, capacity_over_seeds
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SimulateFn = Callable[[object], dict]       # composed sim cfg -> summary dict
 
 

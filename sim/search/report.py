@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sim.capacity import mean_ci95, violation
+from sim.search.capacity import mean_ci95, violation
 
 # Latency columns always reported at capacity (besides the SLO's own and the Pareto metric).
 REPORTED_METRICS = ("ttft_s_p90", "itl_s_p99", "tpot_s_p50", "e2e_s_p90")

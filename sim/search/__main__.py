@@ -1,0 +1,3 @@
+from sim.search.run import main
+
+main()
