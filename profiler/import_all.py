@@ -47,7 +47,12 @@ SUMMARY_COLUMNS = {
     "attention": ["batch_size", "max_q_len", "max_kv_len", "num_heads", "num_kv_heads", "head_dim"],
     "collective": ["size_bytes", "world_size"],
     "moe": ["num_tokens", "hidden_size", "ffn_size", "num_experts", "top_k", "tp", "ep"],
+    "mla": ["batch_size", "max_q_len", "max_kv_len", "num_heads", "hidden_size", "kv_lora_rank"],
+    "bmm": ["batch", "m", "n", "k"],
 }
+
+# Categorical columns besides op/dtype whose values the data README lists.
+EXTRA_COLUMNS = {"attention": ["phase"], "mla": ["phase", "weight_dtype", "attn_dtype"]}
 
 
 def _values(series) -> str:
@@ -71,7 +76,7 @@ def summary(data_dir: Path) -> str:
             df = df[df["source"].isin(["vidur", "aiconfigurator"])]  # rows other tools wrote are theirs
             group = "network" if fam == "collective" else "model"
             for (src, backend), g in df.groupby(["source", "backend"], sort=True):
-                extra = [f"phase {_values(g['phase'])}"] if fam == "attention" else []
+                extra = [f"{c} {_values(g[c])}" for c in EXTRA_COLUMNS.get(fam, [])]
                 ranges = "; ".join(extra + [f"{c} {g[c].min()}-{g[c].max()}" for c in SUMMARY_COLUMNS[fam]])
                 where = _values(g[group].replace("", "(generic)"))
                 lines.append(f"| {fam} | {src} | {backend} | {len(g)} | {_values(g['op'])} | "

@@ -45,13 +45,31 @@ FAMILIES: dict[str, list[tuple[str, pa.DataType]]] = {
                   ("max_q_len", pa.int64()), ("max_kv_len", pa.int64()), ("q_kv_product_sum", pa.int64()),
                   ("num_heads", pa.int32()), ("num_kv_heads", pa.int32()), ("head_dim", pa.int32()),
                   ("block_size", pa.int32())],
-    # op all_reduce|send_recv; size_bytes = message size per rank
+    # op all_reduce|custom_all_reduce|send_recv|all_gather|reduce_scatter|all_to_all; size_bytes =
+    # the full buffer per rank (all_gather: the gathered output, reduce_scatter: the input,
+    # all_to_all: the send buffer, i.e. world_size x the piece one rank sends to one peer)
     "collective": [("network", pa.string()), ("size_bytes", pa.int64()), ("world_size", pa.int32()),
                    ("devices_per_node", pa.int32())],
     # fused MoE layer: tokens routed through num_experts experts, top-k each
     "moe": [("model", pa.string()), ("tp", pa.int32()), ("num_tokens", pa.int64()),
             ("hidden_size", pa.int64()), ("ffn_size", pa.int64()), ("num_experts", pa.int32()),
             ("top_k", pa.int32()), ("ep", pa.int32())],
+    # Multi-head latent attention module (DeepSeek-V2/V3): the whole attention block of one layer on
+    # one GPU (q/kv down- and up-projections, norms, rope, KV-cache write, attention, o_proj), with
+    # num_heads query heads on that GPU; the MLA sizes are columns so the rows say which model shape
+    # they are. Token columns as in "attention"; dtype = KV-cache dtype, weight_dtype = the
+    # projections' GEMM precision, attn_dtype = the attention's query/compute precision.
+    "mla": [("model", pa.string()), ("tp", pa.int32()), ("phase", pa.string()),
+            ("batch_size", pa.int64()), ("num_q_tokens", pa.int64()), ("num_kv_tokens", pa.int64()),
+            ("max_q_len", pa.int64()), ("max_kv_len", pa.int64()), ("q_kv_product_sum", pa.int64()),
+            ("num_heads", pa.int32()), ("hidden_size", pa.int64()), ("q_lora_rank", pa.int32()),
+            ("kv_lora_rank", pa.int32()), ("qk_nope_head_dim", pa.int32()), ("qk_rope_head_dim", pa.int32()),
+            ("v_head_dim", pa.int32()), ("weight_dtype", pa.string()), ("attn_dtype", pa.string()),
+            ("block_size", pa.int32())],
+    # batched GEMM (torch.bmm): `batch` independent (m x k) @ (k x n) products; m = tokens
+    # (MLA decode's absorbed per-head projections: batch = heads on the GPU)
+    "bmm": [("model", pa.string()), ("tp", pa.int32()), ("batch", pa.int64()), ("m", pa.int64()),
+            ("n", pa.int64()), ("k", pa.int64())],
 }
 
 
