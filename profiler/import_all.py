@@ -17,10 +17,13 @@ from profiler.import_traces import import_trace
 from profiler.import_vidur import import_vidur
 
 VIDUR_HW = ["h100", "a100", "a40"]
-AICONFIGURATOR_HW = ["h100", "a100"]
+AICONFIGURATOR_HW = ["h100", "a100", "b200", "gb200", "b300", "l40s"]
 TRACES = {"splitwise_conv": "splitwise_conv.csv", "splitwise_code": "splitwise_code.csv",
           "arxiv_summarization": "arxiv_summarization_stats_llama2_tokenizer_filtered_v2.csv"}
-DEFAULT_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+# ../shared/reference beside the checkout (/work/main) or beside the folder of worktrees (/work/wt/x)
+_REPO = Path(__file__).resolve().parents[1]
+DEFAULT_REFERENCE = next((p / "shared" / "reference" for p in _REPO.parents[:2]
+                          if (p / "shared" / "reference").is_dir()), _REPO.parent / "shared" / "reference")
 USAGE = "python -m profiler.import_all [reference=PATH] [out=data]"
 
 

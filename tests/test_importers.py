@@ -16,10 +16,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conf import ConfigError, shapes
+from conf import ConfigError, shapes, to_hw
+from conf import choices as conf_choices
 from profiler import tables
 from profiler.import_aiconfigurator import import_aiconfigurator
-from profiler.import_all import import_all, summary
+from profiler.import_all import DEFAULT_REFERENCE, import_all, summary
 from profiler.import_traces import import_trace
 from profiler.import_vidur import import_vidur, model_cards
 from profiler.importing import SourceFormatError
@@ -28,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 FIX = REPO / "tests" / "fixtures" / "importers"
 VIDUR, AIC, TRACES = FIX / "vidur", FIX / "aiconfigurator", FIX / "traces"
 MLP_70B = VIDUR / "profiling/compute/a100/meta-llama/Llama-2-70b-hf/mlp.csv"
-REFERENCE = REPO.parent / "shared" / "reference"
+REFERENCE = DEFAULT_REFERENCE
 
 
 def cards():
@@ -119,13 +120,16 @@ def test_aiconfigurator_gemm_collective_moe(tmp_path):
     import_aiconfigurator(AIC, "a100", tmp_path)
     g = tables.read(tmp_path / "h100" / "gemm.parquet")
     src = pd.read_parquet(AIC / "h100_sxm/gemm/vllm/0.14.0/gemm_perf.parquet")
-    assert set(g.dtype) == {"bfloat16", "fp8"}                    # fp8_block has no opcast dtype
-    assert len(g) == src.gemm_dtype.isin(["bfloat16", "fp8"]).sum()
+    assert set(g.dtype) == {"bfloat16", "fp8", "fp8_block"}        # block-scaled fp8 under its own name
+    assert len(g) == src.gemm_dtype.isin(["bfloat16", "fp8", "fp8_block"]).sum()
     nccl = tables.read(tmp_path / "h100" / "collective.parquet")
     nsrc = pd.read_parquet(AIC / "h100_sxm/comm/nccl/2.29.2/nccl_perf.parquet")
-    nsrc = nsrc[(nsrc.op_name == "all_reduce") & (nsrc.nccl_dtype == "half")]
-    assert set(nccl.op) == {"all_reduce"} and set(nccl.backend) == {"nccl-2.29.2"}
-    assert sorted(nccl.size_bytes) == sorted(nsrc.message_size * 2)   # elements of fp16 -> bytes
+    nsrc = nsrc[nsrc.nccl_dtype == "half"]                              # int8 rows skipped
+    assert set(nccl.op) == {"all_reduce", "all_gather", "reduce_scatter", "all_to_all"}
+    assert set(nccl.backend) == {"nccl-2.29.2"} and set(nccl.dtype) == {"float16"}
+    for op, up in [("all_to_all", "alltoall"), ("all_gather", "all_gather")]:
+        # nccl-tests' -b size in bytes, logged as elements of fp16 -> bytes again
+        assert sorted(nccl[nccl.op == op].size_bytes) == sorted(nsrc[nsrc.op_name == up].message_size * 2)
     c = tables.read(tmp_path / "a100" / "collective.parquet")
     csrc = pd.read_parquet(AIC / "a100_sxm/comm/vllm/0.14.0/custom_allreduce_perf.parquet")
     assert set(c.op) == {"custom_all_reduce"} and set(c.network) == {"a100_dgx"}
@@ -136,6 +140,143 @@ def test_aiconfigurator_gemm_collective_moe(tmp_path):
     msrc = pd.read_parquet(AIC / "a100_sxm/moe/vllm/0.14.0/moe_perf.parquet")
     assert sorted(m.op) == sorted("moe_" + msrc.distribution)
     assert sorted(m.ffn_size) == sorted(msrc.inter_size) and sorted(m.ep) == sorted(msrc.moe_ep_size)
+
+
+def test_aiconfigurator_blackwell_gemm_attention_collectives(tmp_path):
+    import_aiconfigurator(AIC, "b200", tmp_path)
+    sys_dir = AIC / "b200_sxm"
+    g = tables.read(tmp_path / "b200" / "gemm.parquet")
+    gsrc = pd.read_parquet(sys_dir / "gemm/vllm/0.24.0/gemm_perf.parquet")
+    assert "nvfp4" in set(gsrc.gemm_dtype) and set(g.dtype) == {"bfloat16", "fp8", "fp8_block"}
+    r = gsrc[gsrc.gemm_dtype == "fp8"].iloc[0]
+    hit = g[(g.m == r.m) & (g.n == r.n) & (g.k == r.k) & (g.dtype == "fp8")]
+    assert hit.time_us_mean.tolist() == [pytest.approx(r.latency * 1000)] and set(g.backend) == {"vllm-0.24.0"}
+    a = tables.read(tmp_path / "b200" / "attention.parquet")
+    asrc = pd.read_parquet(sys_dir / "attention/vllm/0.24.0/generation_attention_perf.parquet")
+    kept = asrc[asrc.window_size == 0]                          # sliding-window rows have no column here
+    dec = a[a.phase == "decode"]
+    assert len(dec) == len(kept) < len(asrc) and set(dec.dtype) == {"bfloat16", "fp8"}   # fp8 KV cache
+    assert sorted(dec.max_kv_len) == sorted(kept.step) and (dec.num_q_tokens == dec.batch_size).all()
+    c = tables.read(tmp_path / "b200" / "collective.parquet")
+    assert set(c.network) == {"b200_dgx"}                        # the b200 card's network key
+    nsrc = pd.read_parquet(sys_dir / "comm/nccl/2.29.2/nccl_perf.parquet")
+    rs = nsrc[(nsrc.op_name == "reduce_scatter") & (nsrc.nccl_dtype == "half")].iloc[0]
+    hit = c[(c.op == "reduce_scatter") & (c.size_bytes == rs.message_size * 2) & (c.world_size == 8)]
+    assert len(hit) == 1 and hit.time_us_mean.iloc[0] == pytest.approx(rs.latency * 1000)
+    assert (hit.devices_per_node == 8).all() and not hit.cuda_graph.any() and set(hit.timer) == {"nccl_tests"}
+    assert set(c[c.op == "custom_all_reduce"].backend) == {"vllm-0.24.0"}
+
+
+def test_aiconfigurator_moe_keeps_routing_parallelism_and_skips_other_runtimes(tmp_path):
+    import_aiconfigurator(AIC, "b200", tmp_path)
+    m = tables.read(tmp_path / "b200" / "moe.parquet")
+    src = pd.read_parquet(AIC / "b200_sxm/moe/vllm/0.24.0/moe_perf.parquet")
+    # w4a16_mxfp4 rows come from a preview vLLM build (their own version column): skipped with
+    # their dtype, so every kept row is vllm-0.24.0; nvfp4 / int4 / mxfp4 have no opcast dtype
+    assert src.version.nunique() == 2 and set(m.backend) == {"vllm-0.24.0"}
+    keep = src[src.moe_dtype.isin(["bfloat16", "fp8", "fp8_block"])]
+    assert len(m) == len(keep) and set(m.dtype) == set(keep.moe_dtype)
+    assert sorted(zip(m.op, m.tp, m.ep, m.top_k)) == sorted(zip("moe_" + keep.distribution, keep.moe_tp_size,
+                                                               keep.moe_ep_size, keep.topk))
+
+
+def test_aiconfigurator_mla_module_and_bmm(tmp_path):
+    import_aiconfigurator(AIC, "b200", tmp_path)
+    m = tables.read(tmp_path / "b200" / "mla.parquet")
+    ctx = pd.read_parquet(AIC / "b200_sxm/mla/vllm/0.24.0/mla_context_module_perf.parquet")
+    gen = pd.read_parquet(AIC / "b200_sxm/mla/vllm/0.24.0/mla_generation_module_perf.parquet")
+    pre, dec = m[m.phase == "prefill"], m[m.phase == "decode"]
+    assert len(pre) == (ctx.gemm_type != "nvfp4").sum() and len(dec) == (gen.gemm_type != "nvfp4").sum()
+    assert set(m.weight_dtype) == {"bfloat16", "fp8_block"} and set(pre.attn_dtype) == {"bfloat16", "fp8"}
+    # DeepSeek-V3's MLA sizes (its config.json), one GPU's heads, the collector's 64-token blocks
+    assert set(m.model) == {"deepseek-v3"} and set(m.tp) == {0} and set(m.block_size) == {64}
+    assert {tuple(x) for x in m[["hidden_size", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+                                 "qk_rope_head_dim", "v_head_dim"]].values} == {(7168, 1536, 512, 128, 64, 128)}
+    r = gen[gen.gemm_type == "fp8_block"].iloc[0]
+    hit = dec[(dec.batch_size == r.batch_size) & (dec.max_kv_len == r.step) & (dec.num_heads == r.num_heads)
+              & (dec.dtype == r.kv_cache_dtype) & (dec.weight_dtype == "fp8_block")]
+    assert len(hit) == 1 and hit.num_kv_tokens.iloc[0] == r.batch_size * r.step and hit.max_q_len.iloc[0] == 1
+    assert hit.time_us_mean.iloc[0] == pytest.approx(r.latency * 1000)
+    assert (pre.num_q_tokens == pre.batch_size * pre.max_q_len).all() and (pre.max_q_len == pre.max_kv_len).all()
+    b = tables.read(tmp_path / "b200" / "bmm.parquet")
+    bsrc = pd.read_parquet(AIC / "b200_sxm/mla_bmm/vllm/0.24.0/mla_bmm_perf.parquet")
+    assert len(b) == len(bsrc) and set(b.dtype) == {"bfloat16"}
+    for op, k, n in [("mla_gen_pre", 128, 512), ("mla_gen_post", 512, 128)]:   # q_nope @ W_UK_T, out @ W_UV
+        r = bsrc[bsrc.op_name == op].iloc[0]
+        hit = b[(b.op == op) & (b.m == r.num_tokens) & (b.batch == r.num_heads)]
+        assert (hit.k.iloc[0], hit.n.iloc[0]) == (k, n)
+        assert hit.time_us_mean.iloc[0] == pytest.approx(r.latency * 1000)
+
+
+def test_aiconfigurator_rows_version_wins_over_the_folder(tmp_path):
+    import_aiconfigurator(AIC, "l40s", tmp_path)
+    c = tables.read(tmp_path / "l40s" / "collective.parquet")
+    src = pd.read_parquet(AIC / "l40s/comm/vllm/0.22.0/custom_allreduce_perf.parquet")
+    assert set(src.version) == {"0.14.0"}                 # measured with 0.14.0, filed under 0.22.0 upstream
+    assert set(c.backend) == {"vllm-0.14.0"} and set(c.network) == {"l40s_pcie"}
+    files = tables.provenance(tmp_path / "l40s" / "collective.parquet")["sources"]["aiconfigurator"]["files"]
+    assert files[0]["collection_meta_version"] == "0.22.0" and files[0]["backend"] == "vllm-0.14.0"
+
+
+def test_aiconfigurator_bad_mla_and_device_names(tmp_path):
+    aic = tmp_path / "aic"
+    shutil.copytree(AIC, aic)
+    with pytest.raises(SourceFormatError, match="GB200.*not hw=b200"):     # B200 is not a word of GB200
+        import_aiconfigurator(aic / "gb200/gemm/vllm/0.24.0/gemm_perf.parquet", "b200", tmp_path / "out")
+    with pytest.raises(SourceFormatError, match="B200.*not hw=gb200"):
+        import_aiconfigurator(aic / "b200_sxm/gemm/vllm/0.24.0/gemm_perf.parquet", "gb200", tmp_path / "out")
+    p = aic / "b200_sxm/mla/vllm/0.24.0/mla_context_module_perf.parquet"
+    src = pd.read_parquet(p)
+    src.assign(model="moonshotai/Kimi-K2-Instruct").to_parquet(p)
+    with pytest.raises(SourceFormatError, match="unknown model.*Kimi-K2.*MLA_MODELS"):
+        import_aiconfigurator(aic, "b200", tmp_path / "out")
+    src.assign(tp_size=2).to_parquet(p)
+    with pytest.raises(SourceFormatError, match="tp_size must be 1"):
+        import_aiconfigurator(aic, "b200", tmp_path / "out")
+
+
+# ---------------------------------------------------------------- hardware cards
+
+def test_every_hw_card_composes_with_its_fleet_fields():
+    """Each conf/hw card composes through Hydra; the numbers physics needs are set (non-zero on
+    GPUs), the collective key names a network, and FP8 peaks exist exactly where FP8 tensor
+    cores do (Ada/Hopper/Blackwell)."""
+    from conf.schema import HwConf
+    from profiler.config import compose
+    names = conf_choices("hw")
+    assert {"h100", "a100", "a40", "cpu", "h200", "b200", "gb200", "b300", "l40s", "a100-40gb",
+            "h100-pcie"} <= set(names)
+    for name in names:
+        hw = to_hw(compose([f"hw={name}"]).hw)
+        assert isinstance(hw, HwConf) and hw.name == name
+        assert hw.arch in {"ampere", "ada", "hopper", "blackwell", "cpu"}, name
+        positive = ["peak_tflops", "mem_bw_gbps", "mem_gib", "l2_mib", "sm_count", "devices_per_node",
+                    "link_bw_gbps", "price_per_gpu_hour_usd"]
+        if hw.device == "cuda":
+            positive += ["sm_version", "pcie_bw_gbps", "network_bw_gbps", "network_latency_us"]
+            assert hw.interconnect in {"nvswitch", "nvlink_pairs", "pcie"}, name
+            assert hw.network_bw_gbps < hw.link_bw_gbps or hw.interconnect == "pcie", name
+        assert all(getattr(hw, f) > 0 for f in positive), (name, [f for f in positive if not getattr(hw, f) > 0])
+        assert hw.network, name
+        assert (hw.peak_tflops_fp8 > 0) == (hw.arch in {"ada", "hopper", "blackwell"}), name
+        if hw.peak_tflops_fp8:
+            # both dense (a sparse figure in one of them would make this 1x or 4x); L40S lists 362.05 vs 733
+            assert hw.peak_tflops_fp8 == pytest.approx(2 * hw.peak_tflops, rel=0.03), name
+    gb200 = to_hw(compose(["hw=gb200"]).hw)
+    assert gb200.devices_per_node == 72 and gb200.interconnect == "nvswitch"   # one NVLink domain per rack
+
+
+def test_cards_with_measured_tables_name_the_networks_of_those_tables():
+    """The collective rows shipped for a hw carry the network key its card names (the estimator
+    looks them up by it); h200 has no shipped rows and borrows h100_dgx (same HGX NVSwitch board)."""
+    from profiler.config import compose
+    for name in conf_choices("hw"):
+        hw = to_hw(compose([f"hw={name}"]).hw)
+        path = REPO / "data" / "profiles" / name / "collective.parquet"
+        if path.exists():
+            assert hw.network in set(tables.read(path).network), name
+    assert not (REPO / "data" / "profiles" / "h200").exists()
+    assert to_hw(compose(["hw=h200"]).hw).network == "h100_dgx"
 
 
 # ---------------------------------------------------------------- merging and determinism
@@ -246,7 +387,9 @@ def test_wrong_hw_and_unknown_inputs(tmp_path):
         import_aiconfigurator(single, "h100", tmp_path)
     with pytest.raises(ConfigError, match="no data for hw='a40'"):
         import_aiconfigurator(AIC, "a40", tmp_path)
-    with pytest.raises(ConfigError, match="unknown hw 'b200'"):
+    with pytest.raises(ConfigError, match="unknown hw 'mi300x'"):
+        import_vidur(VIDUR, "mi300x", tmp_path)
+    with pytest.raises(ConfigError, match="no Vidur data for hw=b200"):    # a card, but no Vidur tables
         import_vidur(VIDUR, "b200", tmp_path)
     odd = tmp_path / "org" / "Unknown-7b" / "mlp.csv"
     odd.parent.mkdir(parents=True)
