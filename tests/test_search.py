@@ -299,8 +299,8 @@ def test_ray_executor_gives_the_process_pool_answer(tmp_path):
 def test_bad_search_config_is_one_clear_error_line(tmp_path):
     with pytest.raises(ConfigError, match="executor='bogus'"):
         search.run_search(tiny_cfg(tmp_path, "search.executor=bogus"), simulate_fn=synthetic_sim)
-    with pytest.raises(ConfigError, match="unknown hw 'b200'"):
-        search.run_search(tiny_cfg(tmp_path, "search.hw=[b200]"), simulate_fn=synthetic_sim)
+    with pytest.raises(ConfigError, match="unknown hw 'mi300x'"):
+        search.run_search(tiny_cfg(tmp_path, "search.hw=[mi300x]"), simulate_fn=synthetic_sim)
     proc = subprocess.run([sys.executable, "-m", "sim.search", "search.rel_tol=2",
                            f"search.out_dir={tmp_path}"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
