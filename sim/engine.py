@@ -17,7 +17,16 @@ from collections import deque
 from sim.router import ROUTERS
 from sim.schedulers.common import Blocks
 
-ARRIVAL, DONE, STAGE_FREE, WAKE = 0, 1, 1, 2
+# Event kinds and their payloads:
+#   ARRIVAL     a Request from the workload stream (the next one is pulled when it is handled)
+#   BATCH_DONE  (replica, batch, steps, first_end_s): a batch (or a fast-forwarded stretch of
+#               `steps` decode iterations, the first ending at first_end_s) has finished
+#   STAGE_FREE  replica: its first pipeline stage can take the next batch (pp > 1)
+#   WAKE        replica: schedule it once every arrival of this instant has been routed
+# The heap orders events by (time, rank, push order): at one instant arrivals come first, then
+# batch completions and stage hand-offs (one rank, in push order), then wake-ups.
+ARRIVAL, BATCH_DONE, STAGE_FREE, WAKE = range(4)
+_RANK = (0, 1, 1, 2)
 INF = math.inf
 
 
@@ -72,50 +81,54 @@ class Engine:
     # --- events ---------------------------------------------------------------------------
     def push(self, t: float, kind: int, payload) -> None:
         self.seq += 1
-        heapq.heappush(self.heap, (t, kind, self.seq, payload))
+        heapq.heappush(self.heap, (t, _RANK[kind], self.seq, kind, payload))
 
     def run(self, arrivals) -> float:
         """Simulate the (arrival_s, prompt, output) stream to the end; returns the end time."""
-        arrivals = iter(arrivals)
-        rid = 0
-        nxt = next(arrivals, None)
-        if nxt is not None:
-            self.push(nxt[0], ARRIVAL, Request(0, *nxt))
-            self.next_arrival_s = nxt[0]
+        self.arrivals = iter(arrivals)
+        self.next_id = 0
+        self._pull_arrival()
         now = 0.0
         heap, pop = self.heap, heapq.heappop
         while heap:
-            now, kind, _, payload = pop(heap)
-            if kind == ARRIVAL:
-                rid += 1
-                nxt = next(arrivals, None)
-                if nxt is not None:
-                    if nxt[0] < now:
-                        raise ValueError("arrivals must be in time order")
-                    self.push(nxt[0], ARRIVAL, Request(rid, *nxt))
-                    self.next_arrival_s = nxt[0]
-                else:
-                    self.next_arrival_s = INF
-                replica = self.route(self.replicas, self.router_rng, self.router_state)
-                payload.replica = replica.idx
-                replica.outstanding += 1
-                replica.waiting.append(payload)
-                if not replica.stage0_busy and not replica.wake_pending:
-                    replica.wake_pending = True   # after every arrival at this instant
-                    self.push(now, WAKE, replica)
-            elif kind == WAKE:
-                payload.wake_pending = False
-                self.start(payload, now)
-            elif payload[0] == "free":
-                payload[1].stage0_busy = False
-                self.start(payload[1], now)
-            else:
-                _, replica, batch, steps, first_end = payload
+            now, _, _, kind, payload = pop(heap)
+            if kind == BATCH_DONE:
+                replica, batch, steps, first_end = payload
                 self.finish(replica, batch, steps, first_end, now)
                 self.start(replica, now)
+            elif kind == ARRIVAL:
+                self._pull_arrival(now)
+                self._route(payload, now)
+            elif kind == STAGE_FREE:
+                payload.stage0_busy = False
+                self.start(payload, now)
+            else:   # WAKE
+                payload.wake_pending = False
+                self.start(payload, now)
         for r in self.replicas:
             r.note_kv(now)
         return now
+
+    def _pull_arrival(self, now: float = 0.0) -> None:
+        """Queue the stream's next request (one pending arrival at a time keeps memory flat)."""
+        nxt = next(self.arrivals, None)
+        if nxt is None:
+            self.next_arrival_s = INF
+            return
+        if nxt[0] < now:
+            raise ValueError("arrivals must be in time order")
+        self.push(nxt[0], ARRIVAL, Request(self.next_id, *nxt))
+        self.next_id += 1
+        self.next_arrival_s = nxt[0]
+
+    def _route(self, req: Request, now: float) -> None:
+        replica = self.route(self.replicas, self.router_rng, self.router_state)
+        req.replica = replica.idx
+        replica.outstanding += 1
+        replica.waiting.append(req)
+        if not replica.stage0_busy and not replica.wake_pending:
+            replica.wake_pending = True   # after every arrival at this instant
+            self.push(now, WAKE, replica)
 
     # --- one replica ---------------------------------------------------------------------
     def start(self, rep: Replica, now: float) -> None:
@@ -183,7 +196,7 @@ class Engine:
                             blocks.allocate(r, nb)
                     rep.note_kv(now)
             rep.stage0_busy = True
-            self.push(end, DONE, ("done", rep, batch, steps, first_end))
+            self.push(end, BATCH_DONE, (rep, batch, steps, first_end))
             self._sample(rep, now, b)
             return
         num_tokens, pre, sampled, pairs = len(decodes), [], len(decodes), 0
@@ -212,7 +225,7 @@ class Engine:
             rep.stage_free_at[s] = t
             self._trace(rep, s, start, us * 1e-6, name, len(prefills) + len(decodes), num_tokens)
             if s == 0 and rep.pp > 1:
-                self.push(t, STAGE_FREE, ("free", rep))
+                self.push(t, STAGE_FREE, rep)
         if rep.pp > 1:
             for r, _ in prefills:
                 r.busy = True
@@ -220,7 +233,7 @@ class Engine:
                 r.busy = True
             rep.in_flight += 1
         rep.stage0_busy = True
-        self.push(t, DONE, ("done", rep, batch, 1, t))
+        self.push(t, BATCH_DONE, (rep, batch, 1, t))
         self._sample(rep, now, len(prefills) + len(decodes))
 
     def _block_cap(self, rep: Replica, decodes: list, cap: int) -> int:

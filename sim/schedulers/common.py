@@ -1,6 +1,8 @@
-"""What every replica scheduler shares: the batch, the KV block manager and preemption.
+"""What every replica scheduler shares: the batch, the KV block manager, preemption, the loop
+over running requests (``schedule_running``) and FCFS admission (``admit_waiting``).
 
-A scheduler is a small class with ``schedule(now, running, waiting, blocks) -> Batch | None``.
+A scheduler is a small ``Scheduler`` subclass with one method,
+``schedule(now, running, waiting, blocks) -> Batch | None``.
 It may admit requests (move them from ``waiting`` to ``running`` and allocate their blocks),
 preempt them (by recompute: free the blocks, put them back at the head of ``waiting``) and
 must allocate the blocks its batch's new tokens need before returning. Requests marked
@@ -34,13 +36,6 @@ class Blocks:
         self.capacity, self.free, self.block_size = capacity, capacity, block_size
         self.preemptions = 0
         self.watermark = int(watermark * capacity)
-
-    def need(self, req, new_tokens: int) -> int:
-        """Blocks req must gain to hold new_tokens more KV tokens."""
-        return max(0, -(-(req.kv + new_tokens) // self.block_size) - req.blocks)
-
-    def need_total(self, num_tokens: int, req) -> int:
-        return max(0, -(-num_tokens // self.block_size) - req.blocks)
 
     def can_admit(self, num_blocks: int) -> bool:
         return self.free - num_blocks >= self.watermark
@@ -91,41 +86,97 @@ def make_room(running: list, i: int, num_blocks: int, waiting: deque, blocks: Bl
     return True
 
 
-def schedule_decodes(running: list, waiting: deque, blocks: Blocks, decodes: list) -> bool:
-    """Give every idle decoding request one new token slot (FCFS), preempting vLLM-style from
-    the back when KV runs out; appends them to ``decodes``. True if it had to preempt."""
+class Scheduler:
+    """The shared header of every policy: its SchedulerConf and two flags the engine reads.
+
+    ``chunked``: prompts may be split over iterations (else a whole prompt must fit one
+    iteration's token budget). ``stable_decode``: see the module docstring."""
+
+    stable_decode = True
+    chunked = False
+
+    def __init__(self, sc):
+        self.sc = sc
+
+    def schedule(self, now, running: list, waiting: deque, blocks: Blocks) -> Batch | None:
+        raise NotImplementedError
+
+
+NO_BUDGET = 1 << 62
+
+
+def schedule_running(running: list, waiting: deque, blocks: Blocks, decodes: list,
+                     prefills: list | None = None, budget: int = NO_BUDGET) -> tuple[int, bool]:
+    """Give the idle running requests, in order, their next tokens within ``budget``: one for a
+    decoding request (appended to ``decodes``), the next chunk of an unfinished prompt when
+    ``prefills`` is given (appended as (request, tokens); skipped otherwise). Blocks run out ->
+    preempt vLLM-style from the back. Returns (budget left, whether it had to preempt)."""
     preempted = False
     i = 0
-    while i < len(running):
+    while i < len(running) and budget > 0:
         r = running[i]
-        if r.busy or r.prefilled < r.prefill_target:
+        if r.busy:
             i += 1
             continue
-        nb = -(-(r.kv + 1) // blocks.block_size) - r.blocks
+        left = r.prefill_target - r.prefilled
+        if left > 0:
+            if prefills is None:
+                i += 1
+                continue
+            n = min(left, budget)
+        else:
+            n = 1
+        nb = -(-(r.kv + n) // blocks.block_size) - r.blocks
         if nb > 0:
             if nb > blocks.free:
                 preempted = True
                 if not make_room(running, i, nb, waiting, blocks):
                     break
             blocks.allocate(r, nb)
-        decodes.append(r)
+        if left > 0:
+            prefills.append((r, n))
+        else:
+            decodes.append(r)
+        budget -= n
         i += 1
-    return preempted
+    return budget, preempted
 
 
-def admit_whole_prompts(now, running: list, waiting: deque, blocks: Blocks, budget: int,
-                        max_num_seqs: int, reserve_output: bool, use_watermark: bool) -> list:
-    """FCFS: move waiting requests whose whole prompt fits the token budget, the batch size cap
-    and the KV cache (prompt, or prompt + output when reserve_output) into running."""
+def decode_batch(running: list, waiting: deque, blocks: Blocks) -> Batch | None:
+    """A decode-only batch of every idle decoding request (None if there is none)."""
+    decodes = []
+    schedule_running(running, waiting, blocks, decodes)
+    return Batch([], decodes) if decodes else None
+
+
+# What a scheduler reserves KV blocks for when it admits a request: the tokens of its first
+# chunk, its whole prompt, or its prompt and its whole output (so it can never be preempted).
+RESERVE_CHUNK, RESERVE_PROMPT, RESERVE_OUTPUT = "chunk", "prompt", "output"
+
+
+def admit_waiting(running: list, waiting: deque, blocks: Blocks, budget: int, max_num_seqs: int, *,
+                  chunked: bool, reserve: str, use_watermark: bool, accept=None) -> list:
+    """FCFS admission: move waiting requests into running while the token budget, the batch size
+    cap and the KV cache allow; returns their first chunks as [(request, tokens)].
+
+    chunked: the first chunk may be cut to the budget (else the whole prompt must fit it);
+    reserve: RESERVE_*; use_watermark: keep the watermark free (else any free block will do);
+    accept(request, tokens): a policy's last say (called only when all else fits)."""
     prefills = []
-    while waiting and len(running) < max_num_seqs:
+    bs = blocks.block_size
+    while waiting and budget > 0 and len(running) < max_num_seqs:
         r = waiting[0]
-        n = r.prefill_target - r.prefilled
-        if n > budget:
+        left = r.prefill_target - r.prefilled
+        if left > budget and not chunked:
             break
-        tokens = r.kv + n + (r.output - r.decoded - 1 if reserve_output else 0)
-        nb = blocks.need_total(tokens, r)
+        n = min(left, budget)
+        hold = r.kv + (n if reserve == RESERVE_CHUNK else left)
+        if reserve == RESERVE_OUTPUT:
+            hold += r.output - r.decoded - 1
+        nb = max(0, -(-hold // bs) - r.blocks)
         if not (blocks.can_admit(nb) if use_watermark else nb <= blocks.free):
+            break
+        if accept is not None and not accept(r, n):
             break
         waiting.popleft()
         blocks.allocate(r, nb)

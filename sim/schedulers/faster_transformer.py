@@ -2,21 +2,19 @@
 size cap of waiting requests (FCFS, whole prompts within the token budget, KV for prompt and
 full output reserved) and prefill them together; then decode until every one has finished,
 admitting nothing new in between."""
-from sim.schedulers.common import Batch, admit_whole_prompts, schedule_decodes
+from sim.schedulers.common import (
+    RESERVE_OUTPUT,
+    Batch,
+    Scheduler,
+    admit_waiting,
+    decode_batch,
+)
 
 
-class FasterTransformerScheduler:
-    stable_decode = True
-    chunked = False
-
-    def __init__(self, sc):
-        self.sc = sc
-
+class FasterTransformerScheduler(Scheduler):
     def schedule(self, now, running, waiting, blocks):
         if running:
-            decodes = []
-            schedule_decodes(running, waiting, blocks, decodes)
-            return Batch([], decodes) if decodes else None
-        prefills = admit_whole_prompts(now, running, waiting, blocks, self.sc.max_tokens_per_batch,
-                                       self.sc.max_num_seqs, reserve_output=True, use_watermark=False)
+            return decode_batch(running, waiting, blocks)
+        prefills = admit_waiting(running, waiting, blocks, self.sc.max_tokens_per_batch, self.sc.max_num_seqs,
+                                 chunked=False, reserve=RESERVE_OUTPUT, use_watermark=False)
         return Batch(prefills, []) if prefills else None

@@ -1,7 +1,13 @@
 """LightLLM: prefill-first like vLLM v0, but a new request is admitted only if the projected
 peak KV use - every running request and the candidate grown to its full output, finishing in
 order of remaining output - fits the cache, so decodes never run out of blocks."""
-from sim.schedulers.common import Batch, schedule_decodes
+from sim.schedulers.common import (
+    RESERVE_PROMPT,
+    Batch,
+    Scheduler,
+    admit_waiting,
+    decode_batch,
+)
 
 
 def projected_peak_blocks(items: list[tuple[int, int]], block_size: int) -> int:
@@ -23,34 +29,20 @@ def future_kv(r) -> tuple[int, int]:
     return r.kv + left, r.output - r.decoded - (1 if left > 0 else 0)
 
 
-class LightLLMScheduler:
-    stable_decode = True
-    chunked = False
-
-    def __init__(self, sc):
-        self.sc = sc
-
+class LightLLMScheduler(Scheduler):
     def schedule(self, now, running, waiting, blocks):
         if waiting:
             items = [future_kv(r) for r in running]
-            budget, prefills = self.sc.max_tokens_per_batch, []
-            while waiting and len(running) < self.sc.max_num_seqs:
-                r = waiting[0]
-                n = r.prefill_target - r.prefilled
-                if n > budget:
-                    break
-                cand = items + [future_kv(r)]
-                nb = blocks.need(r, n)
-                if projected_peak_blocks(cand, blocks.block_size) > blocks.capacity or nb > blocks.free:
-                    break
-                items = cand
-                waiting.popleft()
-                blocks.allocate(r, nb)
-                running.append(r)
-                prefills.append((r, n))
-                budget -= n
+
+            def peak_fits(r, n):
+                kv = future_kv(r)
+                if projected_peak_blocks(items + [kv], blocks.block_size) > blocks.capacity:
+                    return False
+                items.append(kv)
+                return True
+
+            prefills = admit_waiting(running, waiting, blocks, self.sc.max_tokens_per_batch, self.sc.max_num_seqs,
+                                     chunked=False, reserve=RESERVE_PROMPT, use_watermark=False, accept=peak_fits)
             if prefills:
                 return Batch(prefills, [])
-        decodes = []
-        schedule_decodes(running, waiting, blocks, decodes)
-        return Batch([], decodes) if decodes else None
+        return decode_batch(running, waiting, blocks)

@@ -1,21 +1,23 @@
 """Sarathi-Serve: stall-free batching. Every iteration holds at most ``chunk_size`` tokens:
 all running decodes first, then the next chunk of unfinished prompts, then new requests'
 first chunks. A new request's blocks for its whole prompt are allocated when it is admitted."""
-from sim.schedulers.common import Batch, schedule_decodes
+from sim.schedulers.common import (
+    RESERVE_PROMPT,
+    Batch,
+    Scheduler,
+    admit_waiting,
+    schedule_running,
+)
 
 
-class SarathiScheduler:
-    stable_decode = True
+class SarathiScheduler(Scheduler):
     chunked = True
-
-    def __init__(self, sc):
-        self.sc = sc
 
     def schedule(self, now, running, waiting, blocks):
         decodes, prefills = [], []
-        preempted = schedule_decodes(running, waiting, blocks, decodes)
+        _, preempted = schedule_running(running, waiting, blocks, decodes)
         budget = self.sc.chunk_size - len(decodes)
-        for r in running:
+        for r in running:        # unfinished prompts: their blocks were allocated on admission
             if budget <= 0:
                 break
             left = r.prefill_target - r.prefilled
@@ -23,15 +25,7 @@ class SarathiScheduler:
                 n = min(left, budget)
                 prefills.append((r, n))
                 budget -= n
-        while not preempted and waiting and budget > 0 and len(running) < self.sc.max_num_seqs:
-            r = waiting[0]
-            nb = blocks.need_total(r.prefill_target, r)
-            if not blocks.can_admit(nb):
-                break
-            waiting.popleft()
-            blocks.allocate(r, nb)
-            running.append(r)
-            n = min(r.prefill_target, budget)
-            prefills.append((r, n))
-            budget -= n
+        if not preempted and waiting:
+            prefills += admit_waiting(running, waiting, blocks, budget, self.sc.max_num_seqs, chunked=True,
+                                      reserve=RESERVE_PROMPT, use_watermark=True)
         return Batch(prefills, decodes) if prefills or decodes else None
