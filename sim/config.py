@@ -77,6 +77,9 @@ class SimConf:
     # to the isolated operators per token); 0 by default, fitted by bench/fidelity.
     cpu_overhead_per_token_us: float = 0.0
     print_summary: bool = True
+    # vllm_result.json (written beside summary.json, `vllm bench serve --save-result` schema):
+    # include the per-request lists as --save-detailed does (needs keep_requests).
+    vllm_detailed: bool = True
 
 
 def register() -> None:

@@ -34,6 +34,7 @@ class LogHistogram:
         self.counts = np.zeros(int(14 * self.BINS_PER_DECADE) + 2)
         self.count = 0.0
         self.total = 0.0
+        self.total_sq = 0.0           # for std (vLLM-format output reports std of ITL)
         self.min = math.inf
         self.max = -math.inf
         self._values = array("d")
@@ -66,6 +67,7 @@ class LogHistogram:
             self.counts += np.bincount(idx, weights=w, minlength=len(self.counts))
             self.count += float(w.sum())
             self.total += float((v * w).sum())
+            self.total_sq += float((v * v * w).sum())
             self.min = min(self.min, float(v.min()))
             self.max = max(self.max, float(v.max()))
         self._values = array("d")
@@ -74,6 +76,11 @@ class LogHistogram:
     def mean(self) -> float:
         self._flush()
         return self.total / self.count if self.count else math.nan
+
+    def std(self) -> float:
+        """Population standard deviation (exact, from running sums)."""
+        m = self.mean()
+        return math.sqrt(max(self.total_sq / self.count - m * m, 0.0)) if self.count else math.nan
 
     def quantile(self, q: float) -> float:
         self._flush()
@@ -166,6 +173,7 @@ class Metrics:
             else:
                 vals = [h.mean(), h.quantile(0.5), h.quantile(0.9), h.quantile(0.99)]
             out.update({f"{m}_{s}": float(v) for s, v in zip(STATS, vals)})
+            out[f"{m}_std"] = float(h.std())   # exact (running sums), kept or not
         sim_time = max(self.last_completion_s - min(self.first_arrival_s, self.last_completion_s), 0.0)
         out["num_requests"] = float(self.num_requests)
         out["num_preemptions"] = float(self.num_preemptions)

@@ -57,6 +57,10 @@ def write_outputs(result, cfg) -> dict[str, Path]:
     if result.band:
         summary["band"] = {k: list(v) for k, v in result.band.items()}
     paths["summary"] = write_text(out / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
+    # The same run in `vllm bench serve`'s result schema, for tooling that reads vLLM's JSON.
+    from sim.vllm_bench import from_simulation
+    paths["vllm_result"] = write_text(out / "vllm_result.json",
+                                      json.dumps(from_simulation(result, cfg, cfg.sim.vllm_detailed)))
     if result.requests is not None:
         paths["requests"] = atomic_write(out / "requests.parquet",
                                     lambda tmp: result.requests.to_parquet(tmp, index=False))

@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.fidelity import calibrate, compare, parse, simulate, trace
+from bench.fidelity import compare, parse, simulate, trace
+from sim import calibrate
 
 FIX = Path(__file__).parent / "fixtures" / "fidelity"
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+
+
 METRICS = ("ttft_s", "tpot_s", "e2e_s")
 STATS = ("mean", "p50", "p90")
 # The acceptance bar on mean errors (fraction).
@@ -60,11 +62,6 @@ def format_table(table: pd.DataFrame, title: str) -> str:
         lines.append(f"{r.metric[:-2]:<8}{r.stat:<6}{r.engine * 1e3:>12.2f}{r.sim * 1e3:>12.2f}"
                      f"{r.error_pct:>+10.1f}  {mark}")
     return "\n".join(lines)
-
-
-def iteration_kind(ctx_requests, gen_requests) -> np.ndarray:
-    ctx, gen = np.asarray(ctx_requests), np.asarray(gen_requests)
-    return np.where(ctx == 0, "decode", np.where(gen == 0, "prefill", "mixed"))
 
 
 def iteration_summary(iters: pd.DataFrame) -> pd.DataFrame:

@@ -7,22 +7,13 @@ ttft_s (send -> first token), e2e_s (send -> last token), tpot_s = (e2e - ttft) 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-# Optional leading epoch timestamp comes from engine.LOGGING_CONFIG; the guide's default log
-# format (1 s resolution) parses too, without log_time_s.
-ITERATION_RE = re.compile(
-    r"^(?:(?P<log_time_s>\d+\.\d+) )?.*Iteration\((?P<iteration>\d+)\): (?P<ctx_requests>\d+) context requests, "
-    r"(?P<ctx_tokens>\d+) context tokens, (?P<gen_requests>\d+) generation requests, "
-    r"(?P<gen_tokens>\d+) generation tokens, iteration elapsed time: (?P<elapsed_ms>[\d.]+) ms"
-    r"(?P<dummy> \(dummy\))?(?:, \S+ KV cache usage: (?P<kv_usage_pct>[\d.]+)%)?")
-
-ITERATION_COLUMNS = ["iteration", "log_time_s", "ctx_requests", "ctx_tokens", "gen_requests",
-                     "gen_tokens", "elapsed_ms", "kv_usage_pct"]
+# The iteration-log parser lives in the product (sim.calibrate); re-exported for the harness.
+from sim.calibrate import iterations_from_log  # noqa: E402,F401
 
 
 def requests_from_bench(result: dict, trace: list[dict] | None = None) -> pd.DataFrame:
@@ -66,29 +57,6 @@ def tpot_s(ttft_s, e2e_s, output_len) -> np.ndarray:
 
 def read_bench_result(path: str | Path, trace: list[dict] | None = None) -> pd.DataFrame:
     return requests_from_bench(json.loads(Path(path).read_text()), trace)
-
-
-def iterations_from_log(lines) -> pd.DataFrame:
-    """Engine iterations in order. elapsed_ms is model execution + sampling only (vLLM's
-    capture_iteration_details); log_time_s is when the frontend logged it (NaN without timestamps)."""
-    rows = []
-    for line in lines:
-        m = ITERATION_RE.search(line)
-        if not m or m.group("dummy"):
-            continue
-        g = m.groupdict()
-        rows.append({"iteration": int(g["iteration"]),
-                     "log_time_s": float(g["log_time_s"]) if g["log_time_s"] else np.nan,
-                     "ctx_requests": int(g["ctx_requests"]), "ctx_tokens": int(g["ctx_tokens"]),
-                     "gen_requests": int(g["gen_requests"]), "gen_tokens": int(g["gen_tokens"]),
-                     "elapsed_ms": float(g["elapsed_ms"]),
-                     "kv_usage_pct": float(g["kv_usage_pct"]) if g["kv_usage_pct"] else np.nan})
-    df = pd.DataFrame(rows, columns=ITERATION_COLUMNS)
-    df["num_tokens"] = df["ctx_tokens"] + df["gen_tokens"]
-    # The gap to the previous log line is this iteration's period (forward + engine overhead)
-    # only when the engine ran back to back; gap_ms keeps it, the caller decides when it applies.
-    df["gap_ms"] = df["log_time_s"].diff() * 1e3
-    return df
 
 
 def read_iteration_log(path: str | Path, start_byte: int = 0) -> pd.DataFrame:

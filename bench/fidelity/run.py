@@ -32,7 +32,8 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from bench.fidelity import calibrate, compare, engine, parse, simulate, trace  # noqa: E402
+from bench.fidelity import compare, engine, parse, simulate, trace  # noqa: E402
+from sim import calibrate  # noqa: E402
 from conf.files import atomic_write, write_text  # noqa: E402
 
 CALIB_SEED = 100

@@ -57,8 +57,7 @@ def simulate_trace(trace_parquet: str | Path, num_requests: int, overrides=(), o
 
 def engine_iterations_view(iters: pd.DataFrame) -> pd.DataFrame:
     """Engine iteration log in the simulator's per-iteration columns."""
-    from bench.fidelity.calibrate import back_to_back
-    from bench.fidelity.compare import iteration_kind
+    from sim.calibrate import back_to_back, iteration_kind
     out = pd.DataFrame({"kind": iteration_kind(iters["ctx_requests"], iters["gen_requests"]),
                         "seqs": iters["ctx_requests"] + iters["gen_requests"],
                         "num_tokens": iters["num_tokens"], "forward_ms": iters["elapsed_ms"]})
