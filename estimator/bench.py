@@ -74,8 +74,8 @@ def bench_attention_vs_measured(ops, hw, data_dir: str) -> None:
         print("attention lookup vs measured: no attention table")
         return
     df = tables.read(path, "attention")
-    serve = Predictors.load(hw, data_dir).model("attention").meta["serve"] if "attention" in \
-        Predictors.load(hw, data_dir).trained else {}
+    preds = Predictors.load(hw, data_dir)
+    serve = preds.model("attention").meta["serve"][""] if "attention" in preds.trained else {}
     sel = ((df.num_heads == ops.nq) & (df.num_kv_heads == ops.nkv) & (df.head_dim == ops.model.head_dim)
            & (df.dtype == ops.dtype) & (df.status == "ok"))
     for col, val in serve.items():

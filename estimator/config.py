@@ -39,6 +39,7 @@ class QuantileConf:
 class EvalConf:
     kfold: int = 5
     leave_one_model_out: bool = True
+    shape_groups: bool = True       # k-fold over shape groups (tables without model names)
     plot: bool = True
 
 
@@ -49,12 +50,16 @@ class TrainConf:
     profiles_dir: str = ""          # default: <data_dir>/profiles/<hw>
     out_dir: str = ""               # default: <data_dir>/estimators/<hw>
     families: list[str] = field(default_factory=lambda: list(FAMILIES))
-    # Sources in order of preference for the simulator's queries (see estimator/README section).
-    prefer_sources: list[str] = field(default_factory=lambda: ["opcast", "vidur", "aiconfigurator"])
-    # serve: train each family only on rows of its serving source (mixing harnesses, e.g. eager
-    # torch vs CUDA-graph vLLM timings, raised held-out error); all: every source, coded as a feature.
-    train_sources: str = "serve"
-    dtypes: list[str] = field(default_factory=lambda: ["float16", "bfloat16"])
+    # all: every source trains, source/backend coded as features, queries priced as the newest
+    # measurements of the engine (model.engine_rank); serve: only the rows of that source (the
+    # others are set aside, with a warning).
+    train_sources: str = "all"
+    # fp8: GEMM/MoE weights (model.weight_dtype) and attention KV cache (model.kv_dtype) rows.
+    dtypes: list[str] = field(default_factory=lambda: ["float16", "bfloat16", "fp8"])
+    # fleet=true: one model per family over every GPU with profiles and a cuda card (data/estimators/
+    # fleet), evaluated leave-one-GPU-out; rows per GPU and family capped (deterministic subsample).
+    fleet: bool = False
+    fleet_max_rows_per_hw: int = 20000
     max_rows: int = 0               # >0: deterministic subsample per family (tests, quick looks)
     seed: int = 0
     # 1: OpenMP barriers on oversubscribed cores made 2 threads 10-40x slower here (measured)

@@ -43,6 +43,8 @@ def kfold(df: pd.DataFrame, family: str, hw: HwConf, cfg) -> tuple[dict, pd.Data
     inside = (measured >= pred["pred_time_us_p10"].to_numpy(float)) & (measured <= pred["pred_time_us_p90"].to_numpy(float))
     out = _summary(err) | {"folds": k, "coverage_p10_p90": float(inside.mean())}
     out["by_source"] = {s: _summary(err[(df["source"] == s).to_numpy()]) for s in sorted(df["source"].unique())}
+    context = (df["source"].astype(str) + "/" + df["backend"].astype(str) + "/" + df["dtype"].astype(str)).to_numpy()
+    out["by_context"] = {c: _summary(err[context == c]) for c in sorted(set(context))}
     return out, pred
 
 
@@ -70,6 +72,69 @@ def leave_one_model_out(df: pd.DataFrame, family: str, hw: HwConf, cfg) -> dict:
         out["per_op"] = {op: _summary(err[ops == op]) for op in sorted(set(ops))}
         out["norms"] = _summary(err[np.isin(ops, ["rmsnorm", "layernorm"])])
     return out
+
+
+# Columns that say which model-like shape a row is: rows sharing them are held out together by
+# ``shape_groups`` (tables without model names, e.g. aiconfigurator's grids, MoE and MLA).
+SHAPE_GROUPS = {"gemm": ["n", "k"], "attention": ["num_heads", "num_kv_heads", "head_dim"],
+                "elementwise": ["op", "width"], "collective": ["op", "world_size"],
+                "moe": ["hidden_size", "ffn_size", "num_experts", "top_k"],
+                "mla": ["num_heads", "kv_lora_rank", "qk_rope_head_dim", "hidden_size"], "bmm": ["batch", "n", "k"]}
+
+
+def shape_groups(df: pd.DataFrame, family: str, hw, cfg) -> dict:
+    """k-fold over shape groups: every row of one shape (e.g. one MoE config, one attention head
+    layout) is held out at once, so the error is that of pricing a shape never measured. Per
+    fold: the range of the held-out shapes."""
+    cols = [c for c in SHAPE_GROUPS.get(family, []) if c in df.columns]
+    if not cols:
+        return {"n": 0}
+    keys = df[cols].astype(str).agg("|".join, axis=1)
+    uniq = np.array(sorted(keys.unique()))
+    k = min(cfg.eval.kfold, len(uniq))
+    if k < 2:
+        return {"n": 0, "note": "fewer than two shapes"}
+    p50_only = copy.deepcopy(cfg)
+    p50_only.quantile.folds = 0
+    errors, per_fold = [], {}
+    for i, test_keys in enumerate(folds(len(uniq), k, cfg.seed)):
+        test = keys.isin(uniq[test_keys]).to_numpy()
+        model = FamilyModel.fit(df[~test], family, hw, p50_only, meta={"serve": {}})
+        model.quiet = True
+        rows = df[test]
+        err = ape(model.predict(rows)["pred_time_us"].to_numpy(float), measured_us(rows))
+        ranges = ", ".join(f"{c} {rows[c].min()}-{rows[c].max()}" for c in cols if c != "op")
+        per_fold[f"fold {i + 1}: {len(test_keys)} shapes ({ranges})"] = _summary(err)
+        errors.append(err)
+    return _summary(np.concatenate(errors)) | {"by": cols, "per_fold": per_fold}
+
+
+def leave_one_gpu_out(df: pd.DataFrame, family: str, cards: dict, cfg) -> dict:
+    """Train the fleet model on every other GPU, price the held-out GPU's rows from its card."""
+    p50_only = copy.deepcopy(cfg)
+    p50_only.quantile.folds = 0
+    per_hw, errors = {}, []
+    for name in sorted(cards):
+        test = (df["hw"].astype(str) == name).to_numpy()
+        if not test.any() or test.all():
+            continue
+        model = FamilyModel.fit(df[~test], family, {n: c for n, c in cards.items() if n != name}, p50_only,
+                                meta={"serve": {}})
+        model.quiet = True
+        rows = df[test]
+        err = ape(model.predict(rows, cards[name])["pred_time_us"].to_numpy(float), measured_us(rows))
+        entry = _summary(err)
+        if "dtype" in rows:
+            entry["by_dtype"] = {d: _summary(err[(rows["dtype"].astype(str) == d).to_numpy()])
+                                 for d in sorted(rows["dtype"].astype(str).unique())}
+        if "phase" in rows:
+            entry["by_phase"] = {p: _summary(err[(rows["phase"].astype(str) == p).to_numpy()])
+                                 for p in sorted(rows["phase"].astype(str).unique())}
+        per_hw[name] = entry
+        errors.append(err)
+    if not errors:
+        return {"n": 0, "note": "fewer than two GPUs"}
+    return _summary(np.concatenate(errors)) | {"per_hw": per_hw}
 
 
 def plot(oof: dict[str, tuple[pd.DataFrame, pd.DataFrame]], path, title: str) -> None:

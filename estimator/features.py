@@ -76,13 +76,15 @@ def _gemm(df, hw):
     # 128x128 output tiles: wave quantisation over the SMs is a step function of this count.
     tiles = np.ceil(m / 128) * np.ceil(n / 128)
     feats = dict(m=m, n=n, k=k, dtype_bytes=b, log_flops=_log2(flops), log_bytes=_log2(nbytes),
-                 intensity=flops / nbytes, tiles=tiles, m_mod_64=m % 64)
+                 intensity=flops / nbytes, tiles=tiles, m_mod_64=m % 64,
+                 waves=tiles / hw.sm_count if hw.sm_count else np.full(len(m), np.nan))
     return feats, roofline.gemm_us(m, n, k, hw, b)
 
 
 # Coarse kind of each elementwise op: an op never profiled (layernorm where only rmsnorm was)
 # is still priced like its kind. Unknown names get NaN.
-OP_KIND = {"rmsnorm": 0, "layernorm": 0, "silu_mul": 1, "gelu": 1, "rope": 2, "add": 3, "embedding": 4}
+OP_KIND = {"rmsnorm": 0, "layernorm": 0, "fused_add_rmsnorm": 0, "silu_mul": 1, "gelu": 1, "sampler": 1,
+           "rope": 2, "add": 3, "kv_cache_write": 3, "embedding": 4}
 
 
 def _elementwise(df, hw):
@@ -123,6 +125,17 @@ def _moe(df, hw):
     return feats, roofline.moe_us(t, h, f, e, k, hw, tp, ep, b)
 
 
+def hw_features(hw: HwConf, n: int) -> dict[str, np.ndarray]:
+    """The card's numbers as features, so one model trained across GPUs tells them apart and prices
+    a GPU it has no rows for (``arch`` enters through ``sm_version``). 0 on a card = unknown (NaN)."""
+    def col(v):
+        return np.full(n, float(v) if v else np.nan)
+    return dict(hw_sm_version=col(hw.sm_version), hw_sm_count=col(hw.sm_count), hw_l2_mib=col(hw.l2_mib),
+                hw_log_tflops=col(np.log2(hw.peak_tflops)), hw_log_mem_bw=col(np.log2(hw.mem_bw_gbps)),
+                hw_fp8_ratio=np.full(n, hw.peak_tflops_fp8 / hw.peak_tflops),  # 0: no fp8 tensor cores
+                hw_log_link_bw=col(np.log2(hw.link_bw_gbps) if hw.link_bw_gbps else 0))
+
+
 DERIVED = {"gemm": _gemm, "elementwise": _elementwise, "attention": _attention,
            "collective": _collective, "moe": _moe}
 
@@ -150,7 +163,7 @@ def design(df: pd.DataFrame, family: str, hw: HwConf, vocab: dict[str, list[str]
     become NaN, which XGBoost routes along each split's learned default direction.
     """
     feats, prior = DERIVED[family](df, hw)
-    cols = dict(feats)
+    cols = dict(feats, **hw_features(hw, len(df)))
     cols["log_prior"] = _log2(prior)
     for c in CATEGORICAL[family]:
         index = {v: i for i, v in enumerate(vocab.get(c, []))}

@@ -63,27 +63,59 @@ def vocabulary(df: pd.DataFrame, family: str) -> dict[str, list[str]]:
     return {c: sorted(df[c].astype(str).unique().tolist()) for c in F.CATEGORICAL[family] if c in df.columns}
 
 
-def serving_context(df: pd.DataFrame, prefer_sources, family: str = "") -> dict[str, str]:
-    """The (source, backend) a simulator query stands for: the first preferred source present,
-    and its most measured backend (ties broken by name, so the choice is deterministic).
-    MoE queries also get a routing distribution (``op``): balanced where measured."""
-    present = df["source"].astype(str)
-    source = next((s for s in prefer_sources if (present == s).any()), None)
-    if source is None:
-        source = present.value_counts().sort_index().idxmax()
-    counts = df.loc[present == source, "backend"].astype(str).value_counts()
-    backend = sorted(counts[counts == counts.max()].index)[0]
-    context = {"source": source, "backend": backend}
+def engine_rank(source: str, backend: str) -> tuple:
+    """How recent a measurement of the engine being simulated (vLLM) a (source, backend) is.
+
+    Newest wins: a vLLM version beats any non-vLLM harness and a newer vLLM an older one
+    (aiconfigurator's vllm-0.24.0 over vllm-0.14.0 over Vidur's 2024 eager-torch timings); then
+    NCCL library timings (nccl-tests) over torch wrappers; then our own profiles (opcast) over
+    public ones; then names, so the choice is deterministic.
+    """
+    engine, _, version = backend.partition("-")
+    parsed = tuple(int(x) if x.isdigit() else 0 for x in version.split(".")) if version else ()
+    kind = {"vllm": 2, "nccl": 1}.get(engine, 0)
+    return (kind, parsed, source == "opcast", source, backend)
+
+
+def serving_context(df: pd.DataFrame, family: str = "") -> dict[str, dict[str, str]]:
+    """The (source, backend) a simulator query stands for, per op: the newest measurements of the
+    engine being simulated (``engine_rank``) among the rows of that op; ``""`` holds the family
+    default (the newest over all rows) for ops never measured. MoE queries also get a routing
+    distribution (``op``): balanced where measured."""
+    pairs = df[["source", "backend"]].astype(str).drop_duplicates().itertuples(index=False)
+    best = max(pairs, key=lambda p: engine_rank(*p))
+    context = {"": {"source": best[0], "backend": best[1]}}
+    if family in ("elementwise", "collective"):  # ops measured by different harnesses
+        for op, rows in df.groupby(df["op"].astype(str)):
+            pairs = rows[["source", "backend"]].astype(str).drop_duplicates().itertuples(index=False)
+            s, b = max(pairs, key=lambda p: engine_rank(*p))
+            context[op] = {"source": s, "backend": b}
     if family == "moe":
         ops = sorted(df["op"].astype(str).unique())
-        context["op"] = "moe_balanced" if "moe_balanced" in ops else ops[0]
+        context[""]["op"] = "moe_balanced" if "moe_balanced" in ops else ops[0]
     return context
+
+
+def design_rows(df: pd.DataFrame, family: str, cards: dict[str, HwConf], vocab: dict, hw: HwConf | None = None):
+    """Features and prior of rows measured on several GPUs (column ``hw``), each with its card;
+    with ``hw`` given, every row is priced on that card."""
+    if hw is not None:
+        return F.design(df, family, hw, vocab)
+    names = df["hw"].astype(str).to_numpy()
+    x = prior = cols = None
+    for name in sorted(set(names)):
+        sel = np.flatnonzero(names == name)
+        xs, cols, ps = F.design(df.iloc[sel], family, cards[name], vocab)
+        if x is None:
+            x, prior = np.empty((len(df), xs.shape[1]), np.float32), np.empty(len(df))
+        x[sel], prior[sel] = xs, ps
+    return x, cols, prior
 
 
 class FamilyModel:
     """Fitted boosters of one family plus the metadata needed to rebuild its features."""
 
-    def __init__(self, family: str, hw: HwConf, p50: xgb.Booster, band: xgb.Booster | None, meta: dict):
+    def __init__(self, family: str, hw: HwConf | None, p50: xgb.Booster, band: xgb.Booster | None, meta: dict):
         self.family, self.hw, self.p50, self.band, self.meta = family, hw, p50, band, meta
         self.quiet = False  # evaluation folds predict outside their training range on purpose
         self._warned: set[tuple] = set()
@@ -96,10 +128,17 @@ class FamilyModel:
 
     # --- fitting ----------------------------------------------------------------------
     @classmethod
-    def fit(cls, df: pd.DataFrame, family: str, hw: HwConf, cfg, meta: dict | None = None) -> "FamilyModel":
-        """Fit on measured rows (status ok, a positive measured time) in profile-table columns."""
+    def fit(cls, df: pd.DataFrame, family: str, hw: HwConf | dict[str, HwConf], cfg,
+            meta: dict | None = None) -> "FamilyModel":
+        """Fit on measured rows (status ok, a positive measured time) in profile-table columns.
+
+        ``hw``: the card of a per-GPU model, or {hw name: card} of a fleet model whose rows come
+        from several GPUs (column ``hw``); a fleet model prices any card given at predict time.
+        """
         vocab = vocabulary(df, family)
-        x, names, prior = F.design(df, family, hw, vocab)
+        cards = hw if isinstance(hw, dict) else {hw.name: hw}
+        rows = df if isinstance(hw, dict) else df.assign(hw=hw.name)
+        x, names, prior = design_rows(rows, family, cards, vocab)
         y = np.log(F.measured_us(df) / prior)
         p50 = _fit_p50(x, y, cfg.xgb, cfg.seed, cfg.nthread)
         band = None
@@ -111,22 +150,39 @@ class FamilyModel:
             band = _fit_band(x, y - oof, cfg.quantile, cfg.seed, cfg.nthread)
         shape_range = {c: [float(df[c].min()), float(df[c].max())] for c in F.SHAPE_COLUMNS[family]
                        if c not in ("op", "phase")}
+        dtypes = sorted(df["dtype"].astype(str).unique()) if "dtype" in df else []
         meta = dict(meta or {}, format_version=FORMAT_VERSION, family=family, features=names, vocab=vocab,
-                    shape_range=shape_range, num_rows=int(len(df)), hw=dataclasses.asdict(hw),
+                    shape_range=shape_range, num_rows=int(len(df)), dtypes=dtypes,
+                    hw=None if isinstance(hw, dict) else dataclasses.asdict(hw),
+                    cards={n: dataclasses.asdict(c) for n, c in sorted(cards.items())},
                     target="log(measured_us / roofline_us), measured = time_us_median else time_us_mean", xgboost_version=xgb.__version__)
-        return cls(family, hw, p50, band, meta)
+        return cls(family, None if isinstance(hw, dict) else hw, p50, band, meta)
+
+    @property
+    def fleet(self) -> bool:
+        return self.hw is None
 
     # --- prediction ---------------------------------------------------------------------
-    def predict(self, df: pd.DataFrame) -> pd.DataFrame:
-        """pred_time_us (= p50) and pred_time_us_{p10,p50,p90} for every query row."""
+    def predict(self, df: pd.DataFrame, hw: HwConf | None = None) -> pd.DataFrame:
+        """pred_time_us (= p50) and pred_time_us_{p10,p50,p90} for every query row, priced on
+        ``hw`` (a fleet model needs it unless the rows name trained GPUs in column ``hw``)."""
         F.check_query(df, self.family)
         df = self._with_context(df)
-        self._warn_out_of_range(df)
-        x, names, prior = F.design(df, self.family, self.hw, self.meta["vocab"])
+        hw = hw or self.hw
+        self._warn_out_of_range(df, hw)
+        if hw is None:
+            cards = {n: HwConf(**c) for n, c in self.meta["cards"].items()}
+            unknown = sorted(set(df["hw"].astype(str)) - set(cards)) if "hw" in df else ["(no hw column)"]
+            if unknown:
+                raise F.EstimatorError(f"the fleet {self.family} model needs the card to price {unknown}; "
+                                       f"pass hw= (trained on {', '.join(cards)})")
+            x, names, prior = design_rows(df, self.family, cards, self.meta["vocab"])
+        else:
+            x, names, prior = F.design(df, self.family, hw, self.meta["vocab"])
         if names != self.meta["features"]:
             raise F.EstimatorError(f"the {self.family} model was trained with other features "
                                    f"({len(self.meta['features'])} vs {len(names)} now); retrain with "
-                                   f"python -m estimator.train hw={self.hw.name}")
+                                   f"python -m estimator.train hw={getattr(hw, 'name', 'fleet')}")
         mid = self.p50.inplace_predict(x).astype(float)
         if self.band is not None:
             lo_hi = self.band.inplace_predict(x).astype(float).reshape(len(df), 2)
@@ -139,10 +195,17 @@ class FamilyModel:
         return out
 
     def _with_context(self, df: pd.DataFrame) -> pd.DataFrame:
-        """Queries without source/backend stand for the serving context chosen at training."""
-        missing = {c: v for c, v in self.meta["serve"].items() if c not in df.columns}
+        """Queries without source/backend stand for the serving context chosen at training: per op
+        where ops were measured by different harnesses, else the family's."""
+        serve = self.meta["serve"]
+        default = serve.get("", serve)  # {"": family context, op: context} or one flat context
+        missing = [c for c in ("source", "backend", "op") if c not in df.columns and c in default]
         if missing:
-            df = df.assign(**missing)
+            if "op" in df.columns and len(serve) > 1:
+                ops = df["op"].astype(str)
+                df = df.assign(**{c: ops.map(lambda o, c=c: serve.get(o, default)[c]) for c in missing})
+            else:
+                df = df.assign(**{c: default[c] for c in missing})
         for c in F.CATEGORICAL[self.family]:
             unknown = set(df[c].astype(str).unique()) - set(self.meta["vocab"].get(c, []))
             if unknown:
@@ -151,14 +214,14 @@ class FamilyModel:
                           f"(known: {self.meta['vocab'].get(c)}); predicting without that feature")
         return df
 
-    def _warn_out_of_range(self, df: pd.DataFrame) -> None:
+    def _warn_out_of_range(self, df: pd.DataFrame, hw: HwConf | None) -> None:
         outside = []
         for c, (lo, hi) in self.meta["shape_range"].items():
             v = pd.to_numeric(df[c]).to_numpy(float)
             if (v < lo).any() or (v > hi).any():
                 outside.append(f"{c} [{v.min():g}, {v.max():g}] vs trained [{lo:g}, {hi:g}]")
         if outside:
-            self._warn_once(("range",), f"{self.family} ({self.hw.name}): queries outside the profiled "
+            self._warn_once(("range",), f"{self.family} ({getattr(hw, 'name', 'fleet')}): queries outside the profiled "
                       f"range, predictions there follow the roofline prior: {'; '.join(outside)}")
 
     # --- files --------------------------------------------------------------------------
@@ -193,6 +256,6 @@ class FamilyModel:
         for b in (p50, band):
             if b is not None:
                 b.set_param({"nthread": 1})  # see TrainConf.nthread
-        return cls(family, HwConf(**meta["hw"]), p50, band, meta)
+        return cls(family, HwConf(**meta["hw"]) if meta.get("hw") else None, p50, band, meta)
 
 

@@ -20,7 +20,7 @@ from estimator.config import register
 from estimator.features import SHAPE_COLUMNS, EstimatorError
 from estimator.model import QUANTILES, warn_once
 from estimator.predictors import Predictors
-from estimator.runtime import roofline_predict
+from estimator.roofline import predict_fn as roofline_predict
 
 register()
 
@@ -43,7 +43,7 @@ def guess_family(path: Path, df: pd.DataFrame, family: str = "") -> str:
 def predict_table(df: pd.DataFrame, family: str, predictors: Predictors) -> pd.DataFrame:
     """``df`` with the prediction columns appended (roofline where the family is untrained)."""
     if family in predictors.trained:
-        pred = predictors.model(family).predict(df)
+        pred = predictors.frame(family, df)
     else:
         from estimator.features import check_query
         check_query(df, family)

@@ -22,7 +22,10 @@ import pandas as pd
 from conf import shapes
 from conf.files import atomic_write
 from conf.schema import DTYPE_BYTES, HwConf, ModelConf
-from estimator import roofline
+from estimator.features import EstimatorError
+from estimator.model import QUANTILES, warn_once
+from estimator.predictors import Predictors
+from estimator.roofline import predict_fn as roofline_predict
 
 PredictFn = Callable[[str, pd.DataFrame], np.ndarray]
 
@@ -37,23 +40,17 @@ PREFILL_BATCH_STEPS = 1
 GRID_VERSION = 7  # bump when the tabulation changes, so old disk caches are not reused
 
 
-def roofline_predict(hw: HwConf) -> PredictFn:
-    def predict(family: str, df: pd.DataFrame) -> np.ndarray:
-        b = DTYPE_BYTES.get(str(df["dtype"].iloc[0]), 2) if len(df) and "dtype" in df else 2
-        if family == "gemm":
-            return roofline.gemm_us(df.m, df.n, df.k, hw, b)
-        if family == "elementwise":
-            return roofline.elementwise_us(df.num_tokens, df.width, hw, b)
-        if family == "attention":
-            return roofline.attention_us(df.num_q_tokens, df.num_kv_tokens, df.q_kv_product_sum,
-                                         df.num_heads, df.num_kv_heads, df.head_dim, hw, b)
-        if family == "collective":
-            return roofline.collective_us(df.size_bytes, df.world_size, hw, df.op.astype(str).to_numpy())
-        if family == "moe":
-            return roofline.moe_us(df.num_tokens, df.hidden_size, df.ffn_size, df.num_experts, df.top_k, hw,
-                                   df.tp.clip(lower=1), df.ep.clip(lower=1), b)
-        raise ValueError(f"no roofline for family {family!r}")
-    return predict
+def padded(t: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Each entry capped by the cheapest entry for more tokens along ``axis`` (a suffix minimum).
+
+    Why it stays: a kernel for a larger shape can run a smaller one padded (vLLM pads decode
+    batches to its captured sizes), and measured kernels are not monotone (cuBLAS/FlashAttention
+    pick kernels per shape: 10% of H100 vLLM GEMM rows are >10% slower than a larger m), so the
+    learned tables are not either. XGBoost monotone constraints cost far more accuracy (estimator/
+    README.md); this envelope moved H100 GEMM k-fold APE 3.0/9.7% -> 3.0/10.0% (median/p90),
+    where the running maximum it replaces gave 3.7/12.7%.
+    """
+    return np.flip(np.minimum.accumulate(np.flip(t, axis=axis), axis=axis), axis=axis)
 
 
 def _axis(max_log2: int, steps: int) -> np.ndarray:
@@ -89,7 +86,6 @@ class OpTimes:
                 try:
                     _save_npz(cache_path, tables)
                 except OSError as exc:  # a read-only data dir: work uncached
-                    from estimator.model import warn_once
                     warn_once(("cache", str(cache_path)), f"cannot cache operator tables at {cache_path}: {exc}")
         self._token_ops, self._allreduce = tables["token_ops"], tables["allreduce"]
         self._send_recv, self._lm_head = tables["send_recv"], tables["lm_head"]
@@ -104,8 +100,8 @@ class OpTimes:
         n = self.max_tokens
         tokens = np.unique(np.concatenate([np.arange(1, min(n, 1024) + 1), np.arange(1024, n + 1, 16), [n]]))
         everyone = np.arange(1, n + 1)
-        def table(values):  # index = tokens; more tokens never cost less
-            return np.concatenate([[0.0], np.maximum.accumulate(np.interp(everyone, tokens, values))])
+        def table(values):  # index = tokens; more tokens never cost less (see padded)
+            return np.concatenate([[0.0], padded(np.interp(everyone, tokens, values))])
         return dict(token_ops=table(self._tabulate_token_ops(tokens)),
                     allreduce=table(self._tabulate_collective(tokens, "all_reduce", self.tp)),
                     send_recv=table(self._tabulate_collective(tokens, "send_recv", 2)),
@@ -167,11 +163,8 @@ class OpTimes:
                             q_kv_product_sum=b * qq * kk, num_heads=self.nq, num_kv_heads=self.nkv,
                             head_dim=self.model.head_dim, block_size=16)
         t = np.log(np.maximum(self.predict("attention", frame), 1e-3)).reshape(len(batch), len(q), len(kv_per_q))
-        # More sequences, queries or keys never cost less. This also bounds the trees' values at
-        # grid points between measured ones (H100 decode lookups vs measured rows: median 5.3%,
-        # p90 14.5% with it; 5.6% / 20.6% without).
-        for axis in range(3):
-            t = np.maximum.accumulate(t, axis=axis)
+        for axis in range(3):  # more sequences, queries or keys never cost more than padding does
+            t = padded(t, axis)
         return t
 
     def _tabulate_decode(self) -> np.ndarray:
@@ -279,10 +272,6 @@ def load_op_times(hw: HwConf, model: ModelConf, tp: int, quantile: str = "p50",
     Families without a trained model use the roofline prior; with no trained model for ``hw``
     at all, everything does and one warning says so. Tables are cached in data/cache/optimes.
     """
-    from estimator.features import EstimatorError
-    from estimator.model import QUANTILES, warn_once
-    from estimator.predictors import Predictors
-
     shapes.check_tp(model, tp)
     if quantile not in QUANTILES:
         raise EstimatorError(f"quantile {quantile!r} is not one of {', '.join(QUANTILES)}")
