@@ -89,6 +89,9 @@ def shape_groups(df: pd.DataFrame, family: str, hw, cfg) -> dict:
     cols = [c for c in SHAPE_GROUPS.get(family, []) if c in df.columns]
     if not cols:
         return {"n": 0}
+    if family == "collective":  # message sizes, 4 octaves at a time: hold out a size range
+        df = df.assign(size_octaves=(np.log2(df["size_bytes"].clip(lower=1)) // 4).astype(int) * 4)
+        cols = ["op", "size_octaves"]
     keys = df[cols].astype(str).agg("|".join, axis=1)
     uniq = np.array(sorted(keys.unique()))
     k = min(cfg.eval.kfold, len(uniq))
@@ -103,7 +106,9 @@ def shape_groups(df: pd.DataFrame, family: str, hw, cfg) -> dict:
         model.quiet = True
         rows = df[test]
         err = ape(model.predict(rows)["pred_time_us"].to_numpy(float), measured_us(rows))
-        ranges = ", ".join(f"{c} {rows[c].min()}-{rows[c].max()}" for c in cols if c != "op")
+        ranges = ", ".join(f"{c} {rows[c].min()}-{rows[c].max()}" for c in cols if c not in ("op", "size_octaves"))
+        if family == "collective":
+            ranges = f"size_bytes {rows['size_bytes'].min()}-{rows['size_bytes'].max()}"
         per_fold[f"fold {i + 1}: {len(test_keys)} shapes ({ranges})"] = _summary(err)
         errors.append(err)
     return _summary(np.concatenate(errors)) | {"by": cols, "per_fold": per_fold}

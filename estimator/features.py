@@ -36,7 +36,8 @@ CATEGORICAL = {
     "gemm": CONTEXT_CATEGORICAL,
     "elementwise": ["op", *CONTEXT_CATEGORICAL],
     "attention": ["phase", *CONTEXT_CATEGORICAL],
-    "collective": ["op", "network", *CONTEXT_CATEGORICAL],
+    # vLLM's custom all-reduce is measured both captured in a CUDA graph and eager (2-3x apart)
+    "collective": ["op", "network", "cuda_graph", *CONTEXT_CATEGORICAL],
     "moe": ["op", *CONTEXT_CATEGORICAL],   # op names the routing distribution (moe_balanced, ...)
 }
 

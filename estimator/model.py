@@ -90,6 +90,8 @@ def serving_context(df: pd.DataFrame, family: str = "") -> dict[str, dict[str, s
             pairs = rows[["source", "backend"]].astype(str).drop_duplicates().itertuples(index=False)
             s, b = max(pairs, key=lambda p: engine_rank(*p))
             context[op] = {"source": s, "backend": b}
+            if family == "collective":  # decode runs under CUDA graphs where the op was measured so
+                context[op]["cuda_graph"] = str(rows["cuda_graph"].astype(bool).any())
     if family == "moe":
         ops = sorted(df["op"].astype(str).unique())
         context[""]["op"] = "moe_balanced" if "moe_balanced" in ops else ops[0]
@@ -199,14 +201,19 @@ class FamilyModel:
         where ops were measured by different harnesses, else the family's."""
         serve = self.meta["serve"]
         default = serve.get("", serve)  # {"": family context, op: context} or one flat context
-        missing = [c for c in ("source", "backend", "op") if c not in df.columns and c in default]
+        keys = ("source", "backend", "op", "cuda_graph")
+        missing = [c for c in keys if c not in df.columns and any(c in v for v in serve.values() if isinstance(v, dict))
+                   or c not in df.columns and c in default]
         if missing:
             if "op" in df.columns and len(serve) > 1:
                 ops = df["op"].astype(str)
-                df = df.assign(**{c: ops.map(lambda o, c=c: serve.get(o, default)[c]) for c in missing})
+                df = df.assign(**{c: ops.map(lambda o, c=c: serve.get(o, default).get(c, default.get(c, "")))
+                                  for c in missing})
             else:
                 df = df.assign(**{c: default[c] for c in missing})
         for c in F.CATEGORICAL[self.family]:
+            if c not in df.columns:
+                continue
             unknown = set(df[c].astype(str).unique()) - set(self.meta["vocab"].get(c, []))
             if unknown:
                 self._warn_once((c, tuple(sorted(unknown))),

@@ -105,6 +105,8 @@ class Predictors:
         if family not in self.dirs:
             return sorted(DTYPE_BYTES)
         meta = self.model(family).meta
+        if "dtypes" not in meta:  # trained before dtypes were recorded: not checked
+            return sorted(DTYPE_BYTES)
         if self.origin[family] == "own" or meta.get("hw"):
             return list(meta.get("dtypes", []))
         have = list(meta.get("dtypes_by_hw", {}).get(self.hw.name, [])) or list(meta.get("dtypes", []))

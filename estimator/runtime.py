@@ -77,7 +77,9 @@ class OpTimes:
         self.predict = predict or roofline_predict(hw)
         self.source = source or ("roofline" if predict is None else "estimator")
         self.max_tokens = max_tokens
-        self.dtype = model.dtype
+        self.dtype = model.dtype                             # activations, norms, collectives, LM head
+        self.weight_dtype = model.weight_dtype or model.dtype  # layer GEMMs and MoE experts (fp8: vLLM --quantization fp8)
+        self.kv_dtype = model.kv_dtype or model.dtype          # attention's KV cache (fp8: --kv-cache-dtype fp8)
         self.nq, self.nkv = shapes.heads_per_gpu(model, tp)
         tables = _load_npz(cache_path) if cache_path else None
         if tables is None:
@@ -108,9 +110,9 @@ class OpTimes:
                     lm_head=table(self._tabulate_lm_head(tokens)),
                     decode_log_us=self._tabulate_decode(), prefill_log_us=self._tabulate_prefill())
 
-    def _frame(self, **cols) -> pd.DataFrame:
+    def _frame(self, dtype: str | None = None, **cols) -> pd.DataFrame:
         n = max(len(v) for v in cols.values() if np.ndim(v))
-        base = dict(hw=self.hw.name, dtype=self.dtype, model=self.model.name, tp=self.tp)
+        base = dict(hw=self.hw.name, dtype=dtype or self.dtype, model=self.model.name, tp=self.tp)
         return pd.DataFrame({**{k: [v] * n for k, v in base.items()}, **cols})
 
     def _tabulate_token_ops(self, tokens: np.ndarray) -> np.ndarray:
@@ -122,9 +124,11 @@ class OpTimes:
             gemms.append(shapes.Gemm("router", self.model.num_experts, self.model.hidden_size))
             m = self.model
             total += self.predict("moe", self._frame(
-                num_tokens=tokens, hidden_size=m.hidden_size,
+                dtype=self.weight_dtype, num_tokens=tokens, hidden_size=m.hidden_size,
                 ffn_size=m.ffn_size, num_experts=m.num_experts, top_k=m.experts_per_token, ep=1, tp=self.tp))
-        frame = pd.concat([self._frame(op=[g.op] * len(tokens), m=tokens, n=g.n, k=g.k) for g in gemms])
+        # the router gate stays 16 bit under vLLM's fp8 quantization (as the LM head)
+        frame = pd.concat([self._frame(dtype=self.dtype if g.op == "router" else self.weight_dtype,
+                                       op=[g.op] * len(tokens), m=tokens, n=g.n, k=g.k) for g in gemms])
         total += self.predict("gemm", frame).reshape(len(gemms), len(tokens)).sum(axis=0)
         ops = shapes.layer_elementwise(self.model, self.tp)
         frame = pd.concat([self._frame(op=[e.op] * len(tokens), num_tokens=tokens, width=e.width,
@@ -158,7 +162,7 @@ class OpTimes:
         """
         b, qq, rr = (a.ravel() for a in np.meshgrid(batch, q, kv_per_q, indexing="ij"))
         kk = qq * rr
-        frame = self._frame(op=["attention"] * len(b), phase=[phase] * len(b), batch_size=b,
+        frame = self._frame(dtype=self.kv_dtype, op=["attention"] * len(b), phase=[phase] * len(b), batch_size=b,
                             num_q_tokens=b * qq, num_kv_tokens=b * kk, max_q_len=qq, max_kv_len=kk,
                             q_kv_product_sum=b * qq * kk, num_heads=self.nq, num_kv_heads=self.nkv,
                             head_dim=self.model.head_dim, block_size=16)
@@ -265,6 +269,21 @@ def cache_key(fingerprint: str, hw: HwConf, model: ModelConf, tp: int, quantile:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+def check_dtypes(preds: Predictors, model: ModelConf) -> None:
+    """model.weight_dtype prices GEMMs and model.kv_dtype attention: each must be a known dtype
+    with rows for this GPU (16-bit float16/bfloat16 stand for each other: same width, same kernels)."""
+    for family, field, dtype in (("gemm", "model.weight_dtype", model.weight_dtype or model.dtype),
+                                 ("attention", "model.kv_dtype", model.kv_dtype or model.dtype)):
+        if dtype not in DTYPE_BYTES:
+            raise EstimatorError(f"{field}={dtype!r} is not a known dtype; known: {', '.join(DTYPE_BYTES)}")
+        if family not in preds.trained:
+            continue  # roofline prior: any known dtype
+        have = preds.dtypes(family)
+        if DTYPE_BYTES[dtype] not in {DTYPE_BYTES.get(d) for d in have}:
+            raise EstimatorError(f"{field}={dtype}: hw={preds.hw.name} has no {dtype} {family} rows; "
+                                 f"{family} rows exist for {', '.join(have) or 'no dtype'}")
+
+
 def load_op_times(hw: HwConf, model: ModelConf, tp: int, quantile: str = "p50",
                   data_dir: str = "data", max_tokens: int = 16384) -> OpTimes:
     """OpTimes for the simulator from the trained estimator of ``hw`` (data/estimators/<hw>).
@@ -282,7 +301,13 @@ def load_op_times(hw: HwConf, model: ModelConf, tp: int, quantile: str = "p50",
         warn_once(("no-estimator", hw.name), f"{exc}; the simulator uses the roofline prior for hw={hw.name}")
         key = cache_key("roofline", hw, model, tp, "p50", max_tokens)
         return OpTimes(hw, model, tp, max_tokens=max_tokens, cache_path=cache_dir / f"{key}.npz")
+    check_dtypes(preds, model)
     source = f"estimator:{hw.name}:{quantile}"
+    fleet = sorted(f for f, o in preds.origin.items() if o == "fleet")
+    if fleet:
+        warn_once(("fleet", hw.name, tuple(fleet)), f"hw={hw.name}: no measured rows for {', '.join(fleet)}; "
+                  f"priced by the fleet model from the card's numbers")
+        source += f" (fleet: {', '.join(fleet)})"
     if preds.fallback:
         warn_once(("fallback", hw.name, tuple(preds.fallback)),
                   f"hw={hw.name}: no trained model for {', '.join(preds.fallback)}; roofline prior used for those")

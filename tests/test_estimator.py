@@ -201,3 +201,101 @@ def test_loading_an_untrained_family_names_the_training_command(tmp_path):
     from estimator.model import FamilyModel
     with pytest.raises(ConfigError, match="no trained gemm model.*estimator.train"):
         FamilyModel.load(tmp_path, "gemm")
+
+
+def test_newest_engine_wins_and_no_public_row_is_silently_dropped(tmp_path, caplog):
+    from estimator.model import engine_rank, serving_context
+    ranked = sorted([("vidur", "torch"), ("aiconfigurator", "vllm-0.14.0"), ("aiconfigurator", "vllm-0.24.0"),
+                     ("aiconfigurator", "nccl-2.29.2"), ("opcast", "torch")], key=lambda p: engine_rank(*p))
+    assert ranked == [("vidur", "torch"), ("opcast", "torch"), ("aiconfigurator", "nccl-2.29.2"),
+                      ("aiconfigurator", "vllm-0.14.0"), ("aiconfigurator", "vllm-0.24.0")]
+    # one profiled model (opcast, eager torch) next to public vLLM rows: all train, vLLM serves
+    old, new = synthetic_gemm(), synthetic_gemm(seed=3)
+    new = new[new.model == "a"].assign(source="opcast")
+    vllm = synthetic_gemm(seed=4).assign(source="aiconfigurator", backend="vllm-0.24.0", model="")
+    df = pd.concat([old.assign(source="vidur"), new, vllm], ignore_index=True)
+    assert serving_context(df, "gemm")[""] == {"source": "aiconfigurator", "backend": "vllm-0.24.0"}
+    tables.write(df, tmp_path / "profiles/h100/gemm.parquet", "gemm", {"note": "synthetic"})
+    from estimator.train import run
+    report = run(conf.compose("train", ["hw=h100", f"data_dir={tmp_path}", "families=[gemm]", *FAST]))
+    assert report["families"]["gemm"]["rows"] == len(df)
+    with caplog.at_level(logging.WARNING, logger="estimator"):
+        report = run(conf.compose("train", ["hw=h100", f"data_dir={tmp_path}", "families=[gemm]",
+                                            "train_sources=serve", "evaluate=false", *FAST]))
+    assert report["families"]["gemm"]["rows"] == len(vllm)
+    assert any("rows set aside (train_sources=serve: opcast/torch" in r.getMessage() for r in caplog.records)
+
+
+def _card(name: str, **over) -> "conf.schema.HwConf":
+    import dataclasses
+    return dataclasses.replace(HW, name=name, **over)
+
+
+def _law(df: pd.DataFrame, hw, scale: float = 1.3, launch_us: float = 6.0, seed: int = 0) -> pd.DataFrame:
+    """A roofline-like law on card ``hw``: fp8 at the fp8 peak with 1-byte operands."""
+    rng = np.random.default_rng(seed)
+    b = np.where(df.dtype == "fp8", 1.0, 2.0)
+    peak = np.where(df.dtype == "fp8", hw.peak_tflops_fp8 or hw.peak_tflops, hw.peak_tflops)
+    flops, nbytes = 2.0 * df.m * df.n * df.k, b * (df.m * df.k + df.k * df.n + df.m * df.n)
+    t = scale * np.maximum(flops / (peak * 1e6), nbytes / (hw.mem_bw_gbps * 1e3)) + launch_us
+    return df.assign(hw=hw.name, time_us_median=t * np.exp(0.02 * rng.standard_normal(len(df))))
+
+
+def test_fp8_weights_priced_from_fp8_rows_and_bad_dtypes_fail_clearly(tmp_path):
+    import dataclasses
+    hw = _card("h100", peak_tflops_fp8=2 * HW.peak_tflops)
+    df = pd.concat([synthetic_gemm(), synthetic_gemm(seed=2).assign(dtype="fp8")], ignore_index=True)
+    tables.write(_law(df, hw), tmp_path / "profiles/h100/gemm.parquet", "gemm", {"note": "synthetic"})
+    from estimator.train import run
+    run(conf.compose("train", ["hw=h100", f"data_dir={tmp_path}", "families=[gemm]", "evaluate=false", *FAST]))
+    bf16 = load_op_times(hw, MODEL, 1, data_dir=str(tmp_path), max_tokens=4096)
+    fp8 = load_op_times(hw, dataclasses.replace(MODEL, weight_dtype="fp8"), 1, data_dir=str(tmp_path), max_tokens=4096)
+    # compute-bound: fp8 GEMMs at twice the peak, memory-bound: half the weight bytes
+    assert fp8.layer_token_ops_us(4096) < 0.8 * bf16.layer_token_ops_us(4096)
+    assert fp8.layer_token_ops_us(1) < bf16.layer_token_ops_us(1)
+    with pytest.raises(EstimatorError, match=r"model.weight_dtype='int3' is not a known dtype; known: .*fp8"):
+        load_op_times(hw, dataclasses.replace(MODEL, weight_dtype="int3"), 1, data_dir=str(tmp_path))
+    only16 = tmp_path / "only16"
+    tables.write(_law(synthetic_gemm(), hw), only16 / "profiles/a100/gemm.parquet", "gemm", {"note": "synthetic"})
+    run(conf.compose("train", ["hw=a100", f"data_dir={only16}", "families=[gemm]", "evaluate=false", *FAST]))
+    a100 = conf.to_hw(conf.compose("train", ["hw=a100"]).hw)
+    with pytest.raises(EstimatorError, match=r"hw=a100 has no fp8 gemm rows; gemm rows exist for float16"):
+        load_op_times(a100, dataclasses.replace(MODEL, weight_dtype="fp8"), 1, data_dir=str(only16))
+
+
+def test_fleet_prices_a_gpu_without_rows_from_its_card(tmp_path):
+    """Two GPUs' rows follow one law on their cards; the fleet model prices a third card it never
+    saw (H200-like: H100 compute, 1.43x the bandwidth) within a few percent, and sim uses it."""
+    import dataclasses
+    from estimator.train import run
+    cards = {"h100": HW, "a100": conf.to_hw(conf.compose("train", ["hw=a100"]).hw)}
+    for name, card in cards.items():
+        tables.write(_law(synthetic_gemm(seed=len(name)), card), tmp_path / f"profiles/{name}/gemm.parquet",
+                     "gemm", {"note": "synthetic"})
+    report = run(conf.compose("train", ["fleet=true", f"data_dir={tmp_path}", "families=[gemm]", *FAST]))
+    logo = report["families"]["gemm"]["leave_one_gpu_out"]
+    assert set(logo["per_hw"]) == {"h100", "a100"} and logo["median_ape"] < 15
+    assert "LOGO held out a100" in (tmp_path / "estimators/fleet/report.md").read_text()
+    h200 = dataclasses.replace(HW, name="h200", mem_bw_gbps=4800.0)
+    preds = Predictors.load(h200, tmp_path)
+    assert preds.origin == {"gemm": "fleet"}
+    query = _law(synthetic_gemm(seed=9), h200).iloc[::5]
+    err = np.abs(preds.predict("gemm", query) / query.time_us_median.to_numpy() - 1)
+    assert np.median(err) < 0.1
+    ops = load_op_times(h200, MODEL, 1, data_dir=str(tmp_path), max_tokens=1024)
+    assert "fleet: gemm" in ops.source
+
+
+def test_tables_are_monotone_by_padding_and_the_model_nearly_so(trained):
+    """The simulator's tables never charge more tokens less (padded: a suffix minimum); the raw
+    model is checked too, so a model that needs the envelope a lot fails here, not silently."""
+    from estimator.runtime import padded
+    assert padded(np.array([3.0, 5.0, 4.0, 6.0])).tolist() == [3.0, 4.0, 4.0, 6.0]
+    grid = np.array([[1.0, 3.0, 2.0], [2.0, 4.0, 5.0]])
+    both = padded(padded(grid, 0), 1)
+    assert (np.diff(both, axis=0) >= 0).all() and (np.diff(both, axis=1) >= 0).all()
+    data, _, _ = trained
+    model = Predictors.load(HW, data).model("gemm")
+    for n, k in ((3072, 1024), (8192, 2048), (2048, 5632)):
+        p = model.predict(pd.DataFrame(dict(m=np.arange(1, 4097), n=n, k=k, dtype="float16")))["pred_time_us"].to_numpy()
+        assert (1 - padded(p) / p).max() < 0.15
