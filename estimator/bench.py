@@ -1,9 +1,10 @@
-"""python -m estimator.bench [hw=h100] [model=llama2-7b] [tp=1]: the estimator's performance targets.
+"""python -m estimator.bench [hw=h100] [model=llama2-7b] [tp=1] [train=false]: the estimator's figures.
 
 Prints: training time of all families (no evaluation) against the 60 s target; OpTimes load
 time cold (no disk cache) and warm against the 2 s target; the simulator's per-call lookup cost
-next to one-row XGBoost; and the tabulated attention against measured batched rows (which checks
-the grid and the uniform-batch pricing end to end). Overrides other than model/tp go to the
+next to one-row XGBoost; the shipped GEMM model against every measured GEMM row per source,
+engine version and dtype; and the tabulated attention against measured batched rows (which
+checks the grid and the uniform-batch pricing end to end). ``train=false`` skips the training. Overrides other than model/tp go to the
 train config (e.g. ``nthread=2``).
 """
 from __future__ import annotations
@@ -68,6 +69,24 @@ def bench_calls(ops, hw, data_dir: str) -> None:
           f"{token:.2f} µs; one-row gemm FamilyModel.predict {one:.0f} µs ({one / attn:.0f}x the attention lookup)")
 
 
+def bench_vs_rows(hw, data_dir: str, family: str = "gemm") -> None:
+    """The shipped model as the simulator queries it (no source/backend: the serving context)
+    against every measured row of the table, per (source, backend, dtype); in-sample for rows
+    it trained on (the report's k-fold by_context lines are the held-out figures)."""
+    path = Path(data_dir) / "profiles" / hw.name / f"{family}.parquet"
+    preds = Predictors.load(hw, data_dir)
+    if not path.is_file() or family not in preds.trained:
+        print(f"{family} vs measured rows: no table or no trained model")
+        return
+    df = tables.read(path, family)
+    df = df[(df.status == "ok") & df.dtype.isin(["float16", "bfloat16", "fp8"])]
+    for (src, backend, dtype), rows in df.groupby(["source", "backend", "dtype"]):
+        pred = preds.predict(family, rows.drop(columns=["source", "backend"]))
+        err = 100 * np.abs(pred - measured_us(rows)) / measured_us(rows)
+        print(f"{family} ({hw.name}, {preds.origin[family]} model) vs {src}/{backend}/{dtype} ({len(rows)} rows): "
+              f"median APE {np.median(err):.1f}%, p90 {np.percentile(err, 90):.1f}%")
+
+
 def bench_attention_vs_measured(ops, hw, data_dir: str) -> None:
     path = Path(data_dir) / "profiles" / hw.name / "attention.parquet"
     if not path.is_file():
@@ -99,19 +118,22 @@ def bench_attention_vs_measured(ops, hw, data_dir: str) -> None:
 
 def main(argv: list[str]) -> None:
     register()
-    mine = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in argv if a.split("=", 1)[0] in ("model", "tp")}
-    rest = [a for a in argv if a.split("=", 1)[0] not in ("model", "tp")]
+    own = ("model", "tp", "train")
+    mine = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in argv if a.split("=", 1)[0] in own}
+    rest = [a for a in argv if a.split("=", 1)[0] not in own]
     cfg = conf.compose("train", rest)
     hw = conf.to_hw(cfg.hw)
     model = conf.to_model(OmegaConf.load(conf.CONF_DIR / "model" / f"{mine.get('model', 'llama3-8b')}.yaml"))
     tp = int(mine.get("tp", 1))
-    out = Path(tempfile.mkdtemp(prefix="opcast-bench-"))
-    try:
-        bench_train(cfg, out)
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
+    if mine.get("train", "true") != "false":
+        out = Path(tempfile.mkdtemp(prefix="opcast-bench-"))
+        try:
+            bench_train(cfg, out)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
     ops = bench_load(hw, model, tp, cfg.data_dir)
     bench_calls(ops, hw, cfg.data_dir)
+    bench_vs_rows(hw, cfg.data_dir)
     bench_attention_vs_measured(ops, hw, cfg.data_dir)
 
 

@@ -29,6 +29,10 @@ SHAPE_COLUMNS = {
                   "q_kv_product_sum", "num_heads", "num_kv_heads", "head_dim"],
     "collective": ["op", "size_bytes", "world_size", "devices_per_node"],
     "moe": ["num_tokens", "hidden_size", "ffn_size", "num_experts", "top_k", "ep", "tp"],
+    "mla": ["phase", "batch_size", "num_q_tokens", "num_kv_tokens", "max_q_len", "max_kv_len", "q_kv_product_sum",
+            "num_heads", "hidden_size", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+            "v_head_dim"],
+    "bmm": ["batch", "m", "n", "k"],
 }
 # Measurement context shared by all families: which harness/kernel library measured the row.
 CONTEXT_CATEGORICAL = ["source", "backend"]
@@ -39,6 +43,8 @@ CATEGORICAL = {
     # vLLM's custom all-reduce is measured both captured in a CUDA graph and eager (2-3x apart)
     "collective": ["op", "network", "cuda_graph", *CONTEXT_CATEGORICAL],
     "moe": ["op", *CONTEXT_CATEGORICAL],   # op names the routing distribution (moe_balanced, ...)
+    "mla": ["phase", "weight_dtype", "attn_dtype", *CONTEXT_CATEGORICAL],
+    "bmm": ["op", *CONTEXT_CATEGORICAL],
 }
 
 
@@ -137,7 +143,28 @@ def hw_features(hw: HwConf, n: int) -> dict[str, np.ndarray]:
                 hw_log_link_bw=col(np.log2(hw.link_bw_gbps) if hw.link_bw_gbps else 0))
 
 
-DERIVED = {"gemm": _gemm, "elementwise": _elementwise, "attention": _attention,
+def _mla(df, hw):
+    bs, q, kv, pairs = _f(df, "batch_size"), _f(df, "num_q_tokens"), _f(df, "num_kv_tokens"), _f(df, "q_kv_product_sum")
+    kvb = dtype_bytes(df)
+    wb = (map_strings(df["weight_dtype"], roofline.WIDTH_BYTES, 2.0) if "weight_dtype" in df.columns
+          else np.full(len(df), 2.0))
+    dims = {c: _f(df, c) for c in ("num_heads", "hidden_size", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+                                   "qk_rope_head_dim", "v_head_dim")}
+    feats = dict(batch_size=bs, num_q_tokens=q, num_kv_tokens=kv, max_q_len=_f(df, "max_q_len"),
+                 max_kv_len=_f(df, "max_kv_len"), log_pairs=_log2(pairs), mean_kv_len=kv / np.maximum(bs, 1),
+                 kv_bytes=kvb, weight_bytes=wb, **dims)
+    prior = roofline.mla_us(df["phase"].astype(str).to_numpy(), q, kv, pairs, *dims.values(), hw, wb, kvb)
+    return feats, prior
+
+
+def _bmm(df, hw):
+    bt, m, n, k, b = _f(df, "batch"), _f(df, "m"), _f(df, "n"), _f(df, "k"), dtype_bytes(df)
+    flops, nbytes = bt * roofline.gemm_flops(m, n, k), bt * roofline.gemm_bytes(m, n, k, b)
+    feats = dict(batch=bt, m=m, n=n, k=k, dtype_bytes=b, log_flops=_log2(flops), log_bytes=_log2(nbytes))
+    return feats, roofline.bmm_us(bt, m, n, k, hw, b)
+
+
+DERIVED = {"gemm": _gemm, "mla": _mla, "bmm": _bmm, "elementwise": _elementwise, "attention": _attention,
            "collective": _collective, "moe": _moe}
 
 

@@ -12,6 +12,9 @@ import pandas as pd
 
 from conf.schema import DTYPE_BYTES, HwConf
 
+# Operand width of each dtype name a table may hold (fp8_block: fp8 with per-block scales).
+WIDTH_BYTES = {**DTYPE_BYTES, "fp8_block": 1}
+
 # Fixed cost of one launched kernel, added to the roofline time: the smallest CUDA-graph replayed
 # kernels in the aiconfigurator tables take ~5-10 us, and an additive floor (rather than a max)
 # makes the learned ratio vary less with size (H100 GEMM k-fold 3.3% -> 3.0% median, measured).
@@ -107,6 +110,30 @@ def moe_us(num_tokens, hidden_size, ffn_size, num_experts, top_k, hw: HwConf, tp
                  peak_tflops(hw, dtype_bytes))
 
 
+def bmm_us(batch, m, n, k, hw: HwConf, dtype_bytes=2):
+    """``batch`` independent (m x k) @ (k x n) products (MLA's absorbed per-head projections)."""
+    b = np.asarray(batch, float)
+    return _roof(b * gemm_flops(m, n, k), b * gemm_bytes(m, n, k, dtype_bytes), hw, peak_tflops(hw, dtype_bytes))
+
+
+def mla_us(phase, num_q_tokens, num_kv_tokens, q_kv_product_sum, num_heads, hidden_size, q_lora_rank,
+           kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim, hw: HwConf, weight_bytes=2, kv_bytes=2):
+    """One MLA attention block on one GPU (DeepSeek-V2/V3): q/kv down- and up-projections and
+    o_proj over the new tokens (weights read once), attention over the compressed KV cache
+    (kv_lora_rank + rope values per token); decode runs the absorbed form (scores and values in
+    the kv_lora_rank space), prefill the expanded one (nope + rope, v per head)."""
+    h, hid, ql, kl = (np.asarray(x, float) for x in (num_heads, hidden_size, q_lora_rank, kv_lora_rank))
+    nope, rope, v = (np.asarray(x, float) for x in (qk_nope_head_dim, qk_rope_head_dim, v_head_dim))
+    q_proj = np.where(ql > 0, hid * ql + ql * h * (nope + rope), hid * h * (nope + rope))
+    weights = q_proj + hid * (kl + rope) + kl * h * (nope + v) + h * v * hid
+    q, kv, pairs = (np.asarray(x, float) for x in (num_q_tokens, num_kv_tokens, q_kv_product_sum))
+    decode = np.asarray(phase, dtype=str) == "decode"
+    per_pair = np.where(decode, 2 * kl + rope, nope + rope + v)
+    flops = 2 * q * weights + 2 * pairs * h * per_pair
+    nbytes = np.asarray(weight_bytes, float) * weights + np.asarray(kv_bytes, float) * kv * (kl + rope) + 4 * q * hid
+    return _roof(flops, nbytes, hw, peak_tflops(hw, weight_bytes))
+
+
 def predict_fn(hw: HwConf):
     """``predict(family, frame) -> µs`` from the roofline alone (families without a trained model)."""
     def predict(family: str, df: pd.DataFrame) -> np.ndarray:
@@ -124,5 +151,13 @@ def predict_fn(hw: HwConf):
         if family == "moe":
             return moe_us(df.num_tokens, df.hidden_size, df.ffn_size, df.num_experts, df.top_k, hw,
                           df.tp.clip(lower=1), df.ep.clip(lower=1), b)
+        if family == "bmm":
+            return bmm_us(df.batch, df.m, df.n, df.k, hw, b)
+        if family == "mla":
+            wb = (df["weight_dtype"].astype(str).map(WIDTH_BYTES).fillna(2).to_numpy(float)
+                  if "weight_dtype" in df else np.full(len(df), 2.0))
+            return mla_us(df.phase.astype(str).to_numpy(), df.num_q_tokens, df.num_kv_tokens, df.q_kv_product_sum,
+                          df.num_heads, df.hidden_size, df.q_lora_rank, df.kv_lora_rank, df.qk_nope_head_dim,
+                          df.qk_rope_head_dim, df.v_head_dim, hw, wb, b)
         raise ValueError(f"no roofline for family {family!r}")
     return predict

@@ -37,7 +37,7 @@ GRID_STEPS = 1
 DECODE_MAX_BATCH_LOG2, PREFILL_MAX_BATCH_LOG2 = 12, 8
 MAX_Q_LOG2, MAX_KV_LOG2 = 15, 17
 PREFILL_BATCH_STEPS = 1
-GRID_VERSION = 7  # bump when the tabulation changes, so old disk caches are not reused
+GRID_VERSION = 8  # bump when the tabulation changes, so old disk caches are not reused
 
 
 def padded(t: np.ndarray, axis: int = -1) -> np.ndarray:
