@@ -299,3 +299,30 @@ def test_tables_are_monotone_by_padding_and_the_model_nearly_so(trained):
     for n, k in ((3072, 1024), (8192, 2048), (2048, 5632)):
         p = model.predict(pd.DataFrame(dict(m=np.arange(1, 4097), n=n, k=k, dtype="float16")))["pred_time_us"].to_numpy()
         assert (1 - padded(p) / p).max() < 0.15
+
+
+def test_roofline_priors_by_hand():
+    import dataclasses
+    from estimator import roofline as R
+    hw = dataclasses.replace(HW, peak_tflops=1000.0, peak_tflops_fp8=2000.0, mem_bw_gbps=4000.0, link_bw_gbps=400.0)
+    # GEMM 4096^3: 2*4096^3 flops = 137.4 GFLOP -> 137.4 us at 1 PFLOP/s (bf16), 68.7 us in fp8
+    assert R.gemm_us(4096, 4096, 4096, hw, 2) == pytest.approx(R.LAUNCH_US + 2 * 4096**3 / 1e9)
+    assert R.gemm_us(4096, 4096, 4096, hw, 1) == pytest.approx(R.LAUNCH_US + 4096**3 / 1e9)
+    # no fp8 tensor cores: fp8 weights run at the 16-bit peak
+    assert R.peak_tflops(dataclasses.replace(hw, peak_tflops_fp8=0.0), 1) == 1000.0
+    # decode attention, 1 sequence x 1000 keys, 8 KV heads x 128: K+V 2*1000*8*128*2 B = 4.1 MB -> ~1 us at 4e6 B/us;
+    # fp8 KV halves the K/V bytes
+    kv16 = R.attention_us(1, 1000, 1000, 32, 8, 128, hw, 2) - R.LAUNCH_US
+    kv8 = R.attention_us(1, 1000, 1000, 32, 8, 128, hw, 1) - R.LAUNCH_US
+    assert kv16 == pytest.approx((2 * 2 * 32 * 128 + 2 * 2 * 1000 * 8 * 128) / 4e6)
+    assert kv8 == pytest.approx((2 * 2 * 32 * 128 + 2 * 1 * 1000 * 8 * 128) / 4e6)
+    # ring all-reduce of 400 MB over 8 GPUs: 2*7/8 x 400 MB / 400 GB/s = 1750 us; all-gather half
+    assert R.collective_us(4e8, 8, hw, "all_reduce") == pytest.approx(R.LAUNCH_US + 1750)
+    assert R.collective_us(4e8, 8, hw, "all_gather") == pytest.approx(R.LAUNCH_US + 875)
+    assert R.collective_us(4e8, 2, hw, "send_recv") == pytest.approx(R.LAUNCH_US + 1000)
+    # MLA decode (DeepSeek-V3 sizes, 16 heads, 1 token over 4096 cached): weights
+    # 7168*1536 + 1536*16*192 + 7168*576 + 512*16*256 + 16*128*7168 elements read once (bf16)
+    w = 7168 * 1536 + 1536 * 16 * 192 + 7168 * 576 + 512 * 16 * 256 + 16 * 128 * 7168
+    nbytes = 2 * w + 2 * 4096 * 576 + 4 * 7168
+    assert R.mla_us("decode", 1, 4096, 4096, 16, 7168, 1536, 512, 128, 64, 128, hw) == \
+        pytest.approx(R.LAUNCH_US + nbytes / 4e6)  # 4000 GB/s = 4e6 B/us
