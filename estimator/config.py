@@ -59,7 +59,7 @@ class TrainConf:
     # fleet=true: one model per family over every GPU with profiles and a cuda card (data/estimators/
     # fleet), evaluated leave-one-GPU-out; rows per GPU and family capped (deterministic subsample).
     fleet: bool = False
-    fleet_max_rows_per_hw: int = 15000
+    fleet_max_rows_per_hw: int = 30000
     max_rows: int = 0               # >0: deterministic subsample per family (tests, quick looks)
     seed: int = 0
     # 1: OpenMP barriers on oversubscribed cores made 2 threads 10-40x slower here (measured)
