@@ -37,20 +37,23 @@ GRID_STEPS = 1
 DECODE_MAX_BATCH_LOG2, PREFILL_MAX_BATCH_LOG2 = 12, 8
 MAX_Q_LOG2, MAX_KV_LOG2 = 15, 17
 PREFILL_BATCH_STEPS = 1
-GRID_VERSION = 8  # bump when the tabulation changes, so old disk caches are not reused
+GRID_VERSION = 9  # bump when the tabulation changes, so old disk caches are not reused
 
 
-def padded(t: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Each entry capped by the cheapest entry for more tokens along ``axis`` (a suffix minimum).
+def monotone(t: np.ndarray, axis: int = -1) -> np.ndarray:
+    """``t`` made non-decreasing along ``axis``: halfway between its upper envelope (running
+    maximum) and lower envelope (suffix minimum, what padding to a cheaper larger shape gives).
 
-    Why it stays: a kernel for a larger shape can run a smaller one padded (vLLM pads decode
-    batches to its captured sizes), and measured kernels are not monotone (cuBLAS/FlashAttention
-    pick kernels per shape: 10% of H100 vLLM GEMM rows are >10% slower than a larger m), so the
-    learned tables are not either. XGBoost monotone constraints cost far more accuracy (estimator/
-    README.md); this envelope moved H100 GEMM k-fold APE 3.0/9.7% -> 3.0/10.0% (median/p90),
-    where the running maximum it replaces gave 3.7/12.7%.
+    Why it stays: measured kernels are not monotone (cuBLAS/FlashAttention pick kernels per
+    shape: 10% of H100 vLLM GEMM rows are >10% slower than a larger m), so learned tables are not
+    either, and XGBoost monotone constraints cost far more accuracy (estimator/README.md). On H100
+    (median/p90 APE) GEMM k-fold: raw 3.0/9.7%, this 3.3/10.9%, running max alone 3.7/12.7% (+1.7%
+    bias); decode-grid lookups vs measured rows: raw 5.3/23.2%, this 5.9/16.5%, suffix min alone
+    6.4/30.9% (it pulls cells down to tree artifacts in unmeasured corners).
     """
-    return np.flip(np.minimum.accumulate(np.flip(t, axis=axis), axis=axis), axis=axis)
+    upper = np.maximum.accumulate(t, axis=axis)
+    lower = np.flip(np.minimum.accumulate(np.flip(t, axis=axis), axis=axis), axis=axis)
+    return 0.5 * (upper + lower)
 
 
 def _axis(max_log2: int, steps: int) -> np.ndarray:
@@ -102,8 +105,8 @@ class OpTimes:
         n = self.max_tokens
         tokens = np.unique(np.concatenate([np.arange(1, min(n, 1024) + 1), np.arange(1024, n + 1, 16), [n]]))
         everyone = np.arange(1, n + 1)
-        def table(values):  # index = tokens; more tokens never cost less (see padded)
-            return np.concatenate([[0.0], padded(np.interp(everyone, tokens, values))])
+        def table(values):  # index = tokens; more tokens never cost less (see monotone)
+            return np.concatenate([[0.0], monotone(np.interp(everyone, tokens, values))])
         return dict(token_ops=table(self._tabulate_token_ops(tokens)),
                     allreduce=table(self._tabulate_collective(tokens, "all_reduce", self.tp)),
                     send_recv=table(self._tabulate_collective(tokens, "send_recv", 2)),
@@ -167,8 +170,8 @@ class OpTimes:
                             q_kv_product_sum=b * qq * kk, num_heads=self.nq, num_kv_heads=self.nkv,
                             head_dim=self.model.head_dim, block_size=16)
         t = np.log(np.maximum(self.predict("attention", frame), 1e-3)).reshape(len(batch), len(q), len(kv_per_q))
-        for axis in range(3):  # more sequences, queries or keys never cost more than padding does
-            t = padded(t, axis)
+        for axis in range(3):  # more sequences, queries or keys never cost less (each pass keeps the earlier)
+            t = monotone(t, axis)
         return t
 
     def _tabulate_decode(self) -> np.ndarray:

@@ -286,19 +286,19 @@ def test_fleet_prices_a_gpu_without_rows_from_its_card(tmp_path):
     assert "fleet: gemm" in ops.source
 
 
-def test_tables_are_monotone_by_padding_and_the_model_nearly_so(trained):
-    """The simulator's tables never charge more tokens less (padded: a suffix minimum); the raw
-    model is checked too, so a model that needs the envelope a lot fails here, not silently."""
-    from estimator.runtime import padded
-    assert padded(np.array([3.0, 5.0, 4.0, 6.0])).tolist() == [3.0, 4.0, 4.0, 6.0]
-    grid = np.array([[1.0, 3.0, 2.0], [2.0, 4.0, 5.0]])
-    both = padded(padded(grid, 0), 1)
+def test_tables_are_monotone_and_the_model_nearly_so(trained):
+    """The simulator's tables never charge more tokens less (runtime.monotone); the raw model is
+    checked too, so a model that needs the envelope a lot fails here, not silently."""
+    from estimator.runtime import monotone
+    assert monotone(np.array([3.0, 5.0, 4.0, 6.0])).tolist() == [3.0, 4.5, 4.5, 6.0]
+    grid = np.array([[1.0, 3.0, 2.0], [2.0, 4.0, 5.0], [0.5, 6.0, 7.0]])
+    both = monotone(monotone(grid, 0), 1)
     assert (np.diff(both, axis=0) >= 0).all() and (np.diff(both, axis=1) >= 0).all()
     data, _, _ = trained
     model = Predictors.load(HW, data).model("gemm")
     for n, k in ((3072, 1024), (8192, 2048), (2048, 5632)):
         p = model.predict(pd.DataFrame(dict(m=np.arange(1, 4097), n=n, k=k, dtype="float16")))["pred_time_us"].to_numpy()
-        assert (1 - padded(p) / p).max() < 0.15
+        assert (np.abs(monotone(p) / p - 1)).max() < 0.15
 
 
 def test_roofline_priors_by_hand():
