@@ -28,12 +28,16 @@ class Elementwise:
     per_layer: int = 1   # how many times one layer runs it
 
 
-def check_tp(model: ModelConf, tp: int) -> None:
+def allowed_tp(model: ModelConf) -> list[int]:
+    """The TP degrees (powers of two up to 64) that split ``model``'s attention heads evenly."""
+    return [t for t in (1, 2, 4, 8, 16, 32, 64) if model.num_heads % t == 0]
+
+
+def check_tp(model: ModelConf, tp: int, setting: str = "tp") -> None:
     from conf import ConfigError
     if tp < 1 or model.num_heads % tp:
-        ok = [t for t in (1, 2, 4, 8, 16) if model.num_heads % t == 0]
-        raise ConfigError(f"tp={tp} does not divide {model.name}'s {model.num_heads} attention heads; "
-                          f"allowed tp: {ok}")
+        raise ConfigError(f"{setting}={tp} does not divide {model.name}'s {model.num_heads} attention heads; "
+                          f"allowed tp: {allowed_tp(model)}")
 
 
 def check_pp(model: ModelConf, pp: int) -> None:
