@@ -20,6 +20,7 @@ points are missing and broadcasts them.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -173,10 +174,12 @@ class Clock:
         return (time.perf_counter_ns() - self.t0) / 1e3
 
 
-def back_to_back(job, fn, group, clock, dist, torch, device, graph: bool, per_op: float) -> list[float]:
+def back_to_back(job, fn, group, clock, dist, torch, device, graph: bool, per_op: float,
+                 capture_ctx=contextlib.nullcontext) -> list[float]:
     """Samples (µs per op, max over the group's ranks) of ``iters`` back-to-back ``fn`` calls, each
     sample timed between two marks recorded right after a barrier of the group. ``per_op``
-    divides further (2 for a ping-pong: one-way time)."""
+    divides further (2 for a ping-pong: one-way time). ``capture_ctx`` wraps a graph capture
+    (vLLM's custom all-reduce registers its graph buffers when its ``capture()`` ends)."""
     n = job["iters"]
 
     def many():
@@ -187,7 +190,7 @@ def back_to_back(job, fn, group, clock, dist, torch, device, graph: bool, per_op
     clock.sync()
     run = many
     if graph:
-        run = _capture(many, group, dist, torch, device) or many
+        run = _capture(many, group, dist, torch, device, capture_ctx) or many
     times, start, stop = [], time.perf_counter(), False
     barrier_kw = {"device_ids": [device.index]} if job["backend"] == "nccl" else {}
     while True:
@@ -207,13 +210,13 @@ def back_to_back(job, fn, group, clock, dist, torch, device, graph: bool, per_op
     return t.cpu().tolist()
 
 
-def _capture(many, group, dist, torch, device):
+def _capture(many, group, dist, torch, device, capture_ctx=contextlib.nullcontext):
     """``many`` captured in one CUDA graph (its replay), or None when any rank of the group fails
     to capture (then all time eagerly: a graph on some ranks only would hang the others)."""
     g = torch.cuda.CUDAGraph()
     ok = 1.0
     try:
-        with torch.cuda.graph(g):
+        with capture_ctx(), torch.cuda.graph(g):
             many()
     except Exception as exc:
         warnings.warn(f"CUDA-graph capture of a collective failed ({exc}); timed eagerly", stacklevel=2)
@@ -278,10 +281,12 @@ def worker(rank: int, job: dict, init_method: str | None = None) -> None:
             samples, status = None, "ok"
             if rank in ranks:
                 fn, per_op = _launcher(it, job, kc, dt, device, rank, g, custom)
+                ca = custom.get(it["ranks"]) if it["backend"] == CUSTOM_AR else None
                 if fn is None:
                     status = "skipped"    # vLLM's custom all-reduce does not take this size: vLLM uses NCCL
                 else:
-                    samples = back_to_back(job, fn, g, clock, dist, torch, device, use_graph(job, it), per_op)
+                    samples = back_to_back(job, fn, g, clock, dist, torch, device, use_graph(job, it), per_op,
+                                           ca.capture if ca is not None else contextlib.nullcontext)
             dist.barrier()                # ranks outside the group wait here
             if rank == 0:
                 row = {**_row(job, it), "status": status, "sm_clock_mhz": nvml.sm_clock_mhz() if nvml else None}

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 L2_FLUSH_BYTES = 256 << 20    # Triton's flush buffer: > 2x the L2 of A100/H100/H200
 ESTIMATE_CALLS = 5            # calls that estimate the runtime before the timed warm-up
+WARN_CAPTURE_FAILURES = 3     # failed graph captures warned about; all are listed in the metadata
 
 
 @dataclass
@@ -111,6 +112,9 @@ class CudaTimer:
         torch.cuda.synchronize()
         g = self._capture(fn, label) if graph else None
         run, used = (g.replay, True) if g is not None else (fn, False)
+        if g is not None:
+            g.replay()                  # the first replay uploads the graph: not a sample
+            torch.cuda.synchronize()
         start_ev, end_ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         flush = self.flush
 
@@ -147,8 +151,11 @@ class CudaTimer:
                 raise GraphCaptureOOM(f"out of memory capturing the CUDA graph of {label}: {exc}") from exc
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             self.capture_failures.append(f"{label}: {reason}")
-            warnings.warn(f"CUDA-graph capture failed for {label} ({reason}); timed eagerly (timer=cuda_event)",
-                          stacklevel=2)
+            if len(self.capture_failures) <= WARN_CAPTURE_FAILURES:
+                more = "" if len(self.capture_failures) < WARN_CAPTURE_FAILURES else \
+                    " (further failures: only in the table metadata, graph_capture_failures)"
+                warnings.warn(f"CUDA-graph capture failed for {label} ({reason}); timed eagerly "
+                              f"(timer=cuda_event){more}", stacklevel=2)
             return None
 
 

@@ -325,7 +325,9 @@ def test_cuda_timer_flushes_from_one_buffer_and_times_graph_replays(monkeypatch)
     log = fake.log
     first = log.index("graph.capture")
     assert log.index("stream.enter") < log.index("kernel") < log.index("stream.exit") < first   # warm-up first
-    timed = log[first:log.index("empty_cache", first)]
+    reps = log.index("event.record", first)
+    assert log[first:reps].count("graph.replay") == 1             # an untimed replay uploads the graph
+    timed = log[reps:log.index("empty_cache", first)]
     assert timed.count("graph.replay") == 4 and "kernel" not in timed           # reps replay the graph
     assert timed.count("event.record") == 8                                      # a pair around each rep
 
