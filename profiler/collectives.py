@@ -35,7 +35,9 @@ from conf.shapes import activation_bytes_per_token
 from profiler import grid
 
 OPS = ("all_reduce", "all_gather", "send_recv")
-CUSTOM_AR = "vllm_custom_ar"      # backend label of rows timed through vLLM's custom all-reduce
+# vLLM's custom all-reduce: op custom_all_reduce (the table contract's name, as the aiconfigurator
+# import has it), backend vllm; added next to each all_reduce group it can serve
+CUSTOM_AR = "custom_all_reduce"
 
 
 def plan(cfg) -> dict:
@@ -110,7 +112,7 @@ def items(job: dict) -> list[dict]:
                 row = {"op": op, "size": nbytes, "ranks": ranks, "devices_per_node": min(n, per_node)}
                 out.append({**row, "backend": job["backend"]})
                 if op == "all_reduce" and job["custom_ar"] and n in CUSTOM_AR_WORLD_SIZES and n <= per_node:
-                    out.append({**row, "backend": CUSTOM_AR})
+                    out.append({**row, "op": CUSTOM_AR, "backend": "vllm"})
     return out
 
 
@@ -122,7 +124,7 @@ def use_graph(job: dict, item: dict) -> bool:
         return False
     if job["graph"] == "always":
         return True
-    return item["op"] == "all_reduce" and item["size"] <= job["graph_max_bytes"]
+    return item["op"] in ("all_reduce", CUSTOM_AR) and item["size"] <= job["graph_max_bytes"]
 
 
 def _row(job: dict, item: dict) -> dict:
@@ -270,7 +272,7 @@ def worker(rank: int, job: dict, init_method: str | None = None) -> None:
         # Subgroups: every rank creates every group, in the same order (torch.distributed's rule).
         groups = {r: dist.new_group(list(r)) for r in sorted({it["ranks"] for it in todo})}
         cpu_groups = {r: dist.new_group(list(r), backend="gloo")
-                      for r in sorted({it["ranks"] for it in todo if it["backend"] == CUSTOM_AR})}
+                      for r in sorted({it["ranks"] for it in todo if it["op"] == CUSTOM_AR})}
         custom = {r: kc.custom_all_reduce(g, device) if rank in r else None for r, g in cpu_groups.items()}
         dt, clock = torch_dtype(job["dtype"]), Clock(device, torch)
         from tqdm import tqdm
@@ -281,7 +283,7 @@ def worker(rank: int, job: dict, init_method: str | None = None) -> None:
             samples, status = None, "ok"
             if rank in ranks:
                 fn, per_op = _launcher(it, job, kc, dt, device, rank, g, custom)
-                ca = custom.get(it["ranks"]) if it["backend"] == CUSTOM_AR else None
+                ca = custom.get(it["ranks"]) if it["op"] == CUSTOM_AR else None
                 if fn is None:
                     status = "skipped"    # vLLM's custom all-reduce does not take this size: vLLM uses NCCL
                 else:
@@ -315,7 +317,7 @@ def _launcher(it, job, kc, dt, device, rank, group, custom):
         return kc.build_send_recv(it["size"], dt, device, rank, b if rank == a else a, group), 2.0
     if it["op"] == "all_gather":
         return kc.build_all_gather(it["size"], dt, device, group, len(it["ranks"])), 1.0
-    if it["backend"] == CUSTOM_AR:
+    if it["op"] == CUSTOM_AR:
         ca = custom.get(it["ranks"])
         return (kc.build_custom_all_reduce(ca, it["size"], dt, device) if ca is not None else None), 1.0
     return kc.build_all_reduce(it["size"], dt, device, group), 1.0

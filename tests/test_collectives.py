@@ -43,7 +43,8 @@ def test_one_launch_measures_every_group_size_and_pair(tmp_path, monkeypatch):
         assert ("all_reduce", "gloo", n, per_node, "ok") in got and ("all_gather", "gloo", n, per_node, "ok") in got
     assert ("send_recv", "gloo", 2, 2, "ok") in got                    # a pair on one node
     assert ("send_recv", "gloo", 2, 1, "ok") in got                    # a pair across nodes (ranks 0 and 2)
-    custom = ours[ours.backend == "vllm_custom_ar"]
+    custom = ours[ours.op == "custom_all_reduce"]
+    assert set(custom.backend) == {"vllm"}
     assert set(custom.world_size) == {2}                               # one node only, as vLLM
     assert dict(zip(custom.size_bytes, custom.status)) == {1000: "skipped", 4 << 20: "ok"}
     ok = ours[ours.status == "ok"]
