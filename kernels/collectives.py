@@ -68,9 +68,15 @@ def custom_all_reduce(cpu_group, device):
     """vLLM's CustomAllreduce on ``cpu_group`` (a gloo group of the same ranks), or None when vLLM
     disables it here (no NVLink/P2P, unsupported size, several nodes)."""
     import importlib
-    ca = importlib.import_module(CUSTOM_AR_MODULE).CustomAllreduce(group=cpu_group, device=device)
-    if hasattr(ca, "finalize_p2p"):
-        ca.finalize_p2p()
+    import warnings
+    try:
+        ca = importlib.import_module(CUSTOM_AR_MODULE).CustomAllreduce(group=cpu_group, device=device)
+        if hasattr(ca, "finalize_p2p"):
+            ca.finalize_p2p()
+    except Exception as exc:     # a vLLM version whose constructor wants more of vLLM's state
+        warnings.warn(f"vLLM's custom all-reduce could not be set up here ({exc}); its rows are skipped",
+                      stacklevel=2)
+        return None
     return None if ca.disabled else ca
 
 
