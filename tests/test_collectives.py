@@ -51,9 +51,10 @@ def test_one_launch_measures_every_group_size_and_pair(tmp_path, monkeypatch):
     assert (ok.repeats >= 3).all() and (ok.time_us_median > 0).all() and set(ok.network) == {"cpu_gloo"}
     gathers = ours[ours.op == "all_gather"]
     assert all(s % (2 * w) == 0 for s, w in zip(gathers.size_bytes, gathers.world_size))
-    med = ok[ok.backend == "gloo"].set_index(["op", "world_size", "devices_per_node", "size_bytes"]).time_us_median
+    # the fastest sample: 4 ranks share 2 loaded cores, so a median can catch a descheduled rank
+    best = ok[ok.backend == "gloo"].set_index(["op", "world_size", "devices_per_node", "size_bytes"]).time_us_min
     for key in (("all_reduce", 4, 2), ("all_gather", 4, 2), ("send_recv", 2, 2)):
-        assert med[key + (4 << 20,)] > med[key + (1000,)], key
+        assert best[key + (4 << 20,)] > best[key + (1000,)], key
     meta = tables.provenance(path)["sources"]["opcast"]
     assert meta["collective_backend"] == "gloo" and meta["launch_world_size"] == 4 and meta["groups"] == [2, 4]
     run(cfg)                                     # resume: nothing new to measure
