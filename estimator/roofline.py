@@ -86,3 +86,40 @@ def moe_bytes(num_tokens, hidden_size, ffn_size, num_experts, top_k, tp=1, ep=1,
 def moe_us(num_tokens, hidden_size, ffn_size, num_experts, top_k, hw: HwConf, tp=1, ep=1, dtype_bytes=2):
     return _roof(moe_flops(num_tokens, hidden_size, ffn_size, top_k, tp, ep),
                  moe_bytes(num_tokens, hidden_size, ffn_size, num_experts, top_k, tp, ep, dtype_bytes), hw)
+
+
+def mla_us(prefill, num_q_tokens, num_kv_tokens, q_kv_product_sum, num_heads, hidden_size, q_lora_rank,
+           kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim, hw: HwConf, dtype_bytes=2,
+           kv_dtype_bytes=2):
+    """One multi-head latent attention module (DeepSeek-V2/V3 as vLLM runs it; what
+    aiconfigurator's ``mla_context_module``/``mla_generation_module`` time): projections,
+    attention and output projection, each kernel at its own roofline, summed.
+
+    Per query token: q_a + q_b (or q_proj), kv_a (latent + RoPE key), o_proj. Prefill
+    (``prefill`` true) up-projects every KV token's latent with kv_b and runs attention over
+    heads of qk = nope + rope, v = v_head_dim; decode runs it absorbed: the query is mapped
+    into the latent space (nope x kv_lora per head), attention reads the cached latent + RoPE
+    key (one shared KV head of kv_lora + rope) and its output is mapped back (kv_lora x v).
+    ``num_heads`` are those of one GPU."""
+    q, kv, pairs = (np.asarray(x, float) for x in (num_q_tokens, num_kv_tokens, q_kv_product_sum))
+    nh, h, qr, kr, dn, dr, dv = (np.asarray(x, float) for x in (num_heads, hidden_size, q_lora_rank,
+                                                                  kv_lora_rank, qk_nope_head_dim,
+                                                                  qk_rope_head_dim, v_head_dim))
+    pre = np.asarray(prefill, bool)
+    qk = dn + dr
+    q_in = np.where(qr > 0, qr, h)
+    t = np.where(qr > 0, gemm_us(q, qr, h, hw, dtype_bytes), 0.0)              # q_a
+    t = t + gemm_us(q, nh * qk, q_in, hw, dtype_bytes)                         # q_b / q_proj
+    t = t + gemm_us(q, kr + dr, h, hw, dtype_bytes)                            # kv_a
+    t = t + gemm_us(q, h, nh * dv, hw, dtype_bytes)                            # o_proj
+    # prefill: kv_b over the KV tokens, attention with expanded heads
+    pre_flops = 2.0 * pairs * nh * (qk + dv)
+    pre_bytes = dtype_bytes * (q * nh * (qk + dv) + kv * nh * (qk + dv)) + kv_dtype_bytes * kv * (kr + dr)
+    pre_t = gemm_us(kv, nh * (dn + dv), kr, hw, dtype_bytes) + _roof(pre_flops, pre_bytes, hw)
+    # decode: absorbed query (nope -> latent) and output (latent -> v) per head, latent attention
+    dec_flops = 2.0 * pairs * nh * ((kr + dr) + kr)
+    dec_bytes = dtype_bytes * q * nh * (2 * (kr + dr)) + kv_dtype_bytes * kv * (kr + dr)
+    uk = _roof(2.0 * q * nh * dn * kr, dtype_bytes * (nh * dn * kr + q * nh * (dn + kr)), hw)
+    uv = _roof(2.0 * q * nh * kr * dv, dtype_bytes * (nh * kr * dv + q * nh * (kr + dv)), hw)
+    dec_t = uk + uv + _roof(dec_flops, dec_bytes, hw)
+    return t + np.where(pre, pre_t, dec_t)

@@ -34,7 +34,31 @@ GRID_STEPS = 1
 DECODE_MAX_BATCH_LOG2, PREFILL_MAX_BATCH_LOG2 = 12, 8
 MAX_Q_LOG2, MAX_KV_LOG2 = 15, 17
 PREFILL_BATCH_STEPS = 1
-GRID_VERSION = 7  # bump when the tabulation changes, so old disk caches are not reused
+GRID_VERSION = 8  # bump when the tabulation changes, so old disk caches are not reused
+
+# An MoE model's MLP parts, tabulated apart from the other token ops.
+MLP_GEMMS = ("gate_up_proj", "up_proj", "down_proj")
+MLP_ACTIVATIONS = ("silu_mul", "gelu")
+
+
+def network_collective_us(hw: HwConf, op: str, size_bytes, world: int) -> np.ndarray:
+    """A collective over GPUs in several nodes, on the inter-node network (the card's
+    ``network_bw_gbps`` per GPU, one direction, and ``network_latency_us`` per hop): the
+    measured collective tables stop at one node. Ring all-reduce moves 2(n-1)/n of the buffer
+    in 2(n-1) hops, all-gather/reduce-scatter (n-1)/n in n-1; an all-to-all sends the share
+    bound for other nodes, 1 - devices_per_node/n, at once; send/recv moves it once."""
+    from conf import ConfigError
+    if hw.network_bw_gbps <= 0:
+        raise ConfigError(f"hw {hw.name}: network_bw_gbps is 0, but this layout spans nodes of "
+                          f"{hw.devices_per_node} GPUs; give the card its inter-node bandwidth per GPU")
+    size = np.asarray(size_bytes, float)
+    n = float(world)
+    frac, hops = {"all_reduce": (2 * (n - 1) / n, 2 * (n - 1)),
+                  "all_gather": ((n - 1) / n, n - 1), "reduce_scatter": ((n - 1) / n, n - 1),
+                  "alltoall": (max(0.0, 1 - hw.devices_per_node / n), 1.0),
+                  "send_recv": (1.0, 1.0)}[op]
+    return np.maximum(size * frac / (hw.network_bw_gbps * 1e3) + hops * hw.network_latency_us,
+                      roofline.MIN_KERNEL_US)
 
 
 def roofline_predict(hw: HwConf) -> PredictFn:
@@ -52,6 +76,12 @@ def roofline_predict(hw: HwConf) -> PredictFn:
         if family == "moe":
             return roofline.moe_us(df.num_tokens, df.hidden_size, df.ffn_size, df.num_experts, df.top_k, hw,
                                    df.tp.clip(lower=1), df.ep.clip(lower=1), b)
+        if family == "mla":
+            kvb = DTYPE_BYTES.get(str(df["kv_dtype"].iloc[0]), b) if "kv_dtype" in df else b
+            return roofline.mla_us(df.phase.astype(str).to_numpy() == "prefill", df.num_q_tokens, df.num_kv_tokens,
+                                   df.q_kv_product_sum, df.num_heads, df.hidden_size, df.q_lora_rank,
+                                   df.kv_lora_rank, df.qk_nope_head_dim, df.qk_rope_head_dim, df.v_head_dim,
+                                   hw, b, kvb)
         raise ValueError(f"no roofline for family {family!r}")
     return predict
 
@@ -75,8 +105,12 @@ class OpTimes:
     """Tabulated per-layer operator times of one model shard on one hardware card."""
 
     def __init__(self, hw: HwConf, model: ModelConf, tp: int, predict: PredictFn | None = None,
-                 max_tokens: int = 16384, source: str | None = None, cache_path: str | Path | None = None):
+                 max_tokens: int = 16384, source: str | None = None, cache_path: str | Path | None = None,
+                 layout: shapes.Layout | None = None):
         self.hw, self.model, self.tp = hw, model, tp
+        self.layout = layout or shapes.layout(model, tp)
+        if self.layout.tp != tp:
+            raise ValueError(f"layout {self.layout} is not at tp={tp}")
         self.predict = predict or roofline_predict(hw)
         self.source = source or ("roofline" if predict is None else "estimator")
         self.max_tokens = max_tokens
@@ -93,6 +127,8 @@ class OpTimes:
                     warn_once(("cache", str(cache_path)), f"cannot cache operator tables at {cache_path}: {exc}")
         self._token_ops, self._allreduce = tables["token_ops"], tables["allreduce"]
         self._send_recv, self._lm_head = tables["send_recv"], tables["lm_head"]
+        self._send_recv_net = tables["send_recv_network"]
+        self._dense_mlp, self._moe_mlp = tables["dense_mlp"], tables["moe_mlp"]
         # Scalar lookups on Python lists are several times faster than on numpy arrays.
         self._decode = tables["decode_log_us"].tolist()
         self._prefill = tables["prefill_log_us"].tolist()
@@ -106,9 +142,14 @@ class OpTimes:
         everyone = np.arange(1, n + 1)
         def table(values):  # index = tokens; more tokens never cost less
             return np.concatenate([[0.0], np.maximum.accumulate(np.interp(everyone, tokens, values))])
+        sparse = shapes.is_moe(self.model)
+        zeros = np.zeros(len(tokens))
         return dict(token_ops=table(self._tabulate_token_ops(tokens)),
                     allreduce=table(self._tabulate_collective(tokens, "all_reduce", self.tp)),
                     send_recv=table(self._tabulate_collective(tokens, "send_recv", 2)),
+                    send_recv_network=table(self._tabulate_send_recv_network(tokens)),
+                    dense_mlp=table(self._tabulate_dense_mlp(tokens) if sparse else zeros),
+                    moe_mlp=table(self._tabulate_moe_mlp(tokens) if sparse else zeros),
                     lm_head=table(self._tabulate_lm_head(tokens)),
                     decode_log_us=self._tabulate_decode(), prefill_log_us=self._tabulate_prefill())
 
@@ -118,25 +159,92 @@ class OpTimes:
         return pd.DataFrame({**{k: [v] * n for k, v in base.items()}, **cols})
 
     def _tabulate_token_ops(self, tokens: np.ndarray) -> np.ndarray:
-        total = np.zeros(len(tokens))
-        moe = self.model.num_experts > 0
-        gemms = [g for g in shapes.layer_gemms(self.model, self.tp)
-                 if not (moe and g.op in ("gate_up_proj", "up_proj", "down_proj"))]
-        if moe:  # the router GEMM, then the fused experts replace the dense MLP
-            gemms.append(shapes.Gemm("router", self.model.num_experts, self.model.hidden_size))
-            m = self.model
-            total += self.predict("moe", self._frame(
-                num_tokens=tokens, hidden_size=m.hidden_size,
-                ffn_size=m.ffn_size, num_experts=m.num_experts, top_k=m.experts_per_token, ep=1, tp=self.tp))
+        """Every token op of a layer. An MoE model's MLP blocks are tabulated apart (dense_mlp,
+        moe_mlp: the layer mix differs per stage); MLA's projections and RoPE are inside the
+        ``mla`` module priced with attention."""
+        m = self.model
+        gemms = shapes.layer_gemms(m, self.tp)
+        ops = shapes.layer_elementwise(m, self.tp)
+        if shapes.is_moe(m):
+            gemms = [g for g in gemms if g.op not in MLP_GEMMS]
+            ops = [e for e in ops if e.op not in MLP_ACTIVATIONS]
+        if shapes.is_mla(m):
+            gemms = [g for g in gemms if g.op in MLP_GEMMS]
+            ops = [e for e in ops if e.op != "rope"]
+        return self._gemms_us(tokens, gemms) + self._elementwise_us(tokens, ops)
+
+    def _gemms_us(self, tokens: np.ndarray, gemms: list) -> np.ndarray:
+        if not gemms:
+            return np.zeros(len(tokens))
         frame = pd.concat([self._frame(op=[g.op] * len(tokens), m=tokens, n=g.n, k=g.k) for g in gemms])
-        total += self.predict("gemm", frame).reshape(len(gemms), len(tokens)).sum(axis=0)
-        ops = shapes.layer_elementwise(self.model, self.tp)
+        return self.predict("gemm", frame).reshape(len(gemms), len(tokens)).sum(axis=0)
+
+    def _elementwise_us(self, tokens: np.ndarray, ops: list) -> np.ndarray:
+        if not ops:
+            return np.zeros(len(tokens))
         frame = pd.concat([self._frame(op=[e.op] * len(tokens), num_tokens=tokens, width=e.width,
                                        num_heads=e.num_heads, num_kv_heads=e.num_kv_heads, head_dim=e.head_dim)
                            for e in ops])
         per_op = self.predict("elementwise", frame).reshape(len(ops), len(tokens))
-        total += (np.array([e.per_layer for e in ops])[:, None] * per_op).sum(axis=0)
+        return (np.array([e.per_layer for e in ops])[:, None] * per_op).sum(axis=0)
+
+    # --- MoE / MLA / expert parallelism (models helper) ----------------------------------------
+    def _activation_op(self, width: int) -> shapes.Elementwise:
+        m = self.model
+        return shapes.Elementwise("silu_mul" if m.gated_mlp else m.activation, width)
+
+    def _tabulate_dense_mlp(self, tokens: np.ndarray) -> np.ndarray:
+        """A dense layer's MLP in an MoE model (ffn_size, split over the attention tp) and the
+        all-reduce that sums it."""
+        m, tp = self.model, self.tp
+        t = self._gemms_us(tokens, shapes.mlp_gemms(m, tp)) + \
+            self._elementwise_us(tokens, [self._activation_op(m.ffn_size // tp)])
+        if tp > 1:
+            t += self._collectives_us([shapes.Collective("all_reduce", tokens * shapes.activation_bytes_per_token(m), tp)])
+        return t
+
+    def _tabulate_moe_mlp(self, tokens: np.ndarray) -> np.ndarray:
+        """One MoE block for ``tokens`` tokens on each attention rank: router, shared experts,
+        the fused routed experts and the dispatch/combine communication.
+
+        The fused-experts kernel is asked as aiconfigurator measures it: ``num_tokens`` = the
+        tokens a GPU sees (every DP rank's under DP attention: ranks are assumed equally loaded,
+        as vLLM's DP load balancer aims and its lock-step MoE layers require), its share of
+        ``num_experts / ep`` experts, each split ``moe_tp`` ways. The busiest EP rank gets
+        ``imbalance`` x its balanced share of routed tokens, and the step waits for it."""
+        m, lay = self.model, self.layout
+        t = self._gemms_us(tokens, shapes.moe_block_gemms(m, self.tp))
+        if m.num_shared_experts:
+            t += self._elementwise_us(tokens, [self._activation_op(shapes.shared_expert_ffn(m) // self.tp)])
+        seen = tokens * lay.dp * (lay.imbalance if lay.ep > 1 else 1.0)
+        frame = self._frame(op="moe_balanced", num_tokens=seen, hidden_size=m.hidden_size,
+                            ffn_size=shapes.expert_ffn(m), num_experts=m.num_experts,
+                            top_k=m.experts_per_token, ep=lay.ep, tp=lay.moe_tp)
+        frame["dtype"] = shapes.weight_dtype(m)
+        t += self.predict("moe", frame)
+        return t + self._collectives_us(shapes.moe_block_collectives(m, lay, tokens))
+
+    def _collectives_us(self, calls: list) -> np.ndarray:
+        """Sum of collectives (sizes: one per tabulated token count); a communicator wider than
+        a node is priced on the network (no measured tables span nodes)."""
+        total = 0.0
+        for c in calls:
+            size = np.asarray(c.size_bytes, float)
+            if c.world_size > max(1, self.hw.devices_per_node):
+                total += network_collective_us(self.hw, c.op, size, c.world_size)
+                continue
+            df = pd.DataFrame(dict(hw=self.hw.name, op=c.op, dtype=self.dtype, network=self.hw.network,
+                                   size_bytes=size, world_size=c.world_size,
+                                   devices_per_node=self.hw.devices_per_node))
+            total += self.predict("collective", df)
         return total
+
+    def _tabulate_send_recv_network(self, tokens: np.ndarray) -> np.ndarray:
+        """A pipeline hand-off between nodes (InfiniBand/RoCE, the card's network fields)."""
+        if self.layout.pp == 1 or self.hw.devices_per_node >= self.layout.gpus:
+            return np.zeros(len(tokens))
+        size = tokens * shapes.activation_bytes_per_token(self.model)
+        return network_collective_us(self.hw, "send_recv", size, 2)
 
     def _tabulate_collective(self, tokens: np.ndarray, op: str, world: int) -> np.ndarray:
         if world <= 1:
@@ -147,7 +255,10 @@ class OpTimes:
                                devices_per_node=self.hw.devices_per_node))
         per_call = self.predict("collective", df)
         if op == "all_reduce":
-            return per_call * shapes.allreduces_per_layer(self.model, self.tp)
+            count = shapes.allreduces_per_layer(self.model, self.tp)
+            if shapes.is_moe(self.model) and count:   # the MLP's is in dense_mlp / moe_mlp
+                count -= 1
+            return per_call * count
         return per_call
 
     def _tabulate_lm_head(self, tokens: np.ndarray) -> np.ndarray:
@@ -166,7 +277,14 @@ class OpTimes:
                             num_q_tokens=b * qq, num_kv_tokens=b * kk, max_q_len=qq, max_kv_len=kk,
                             q_kv_product_sum=b * qq * kk, num_heads=self.nq, num_kv_heads=self.nkv,
                             head_dim=self.model.head_dim, block_size=16)
-        t = np.log(np.maximum(self.predict("attention", frame), 1e-3)).reshape(len(batch), len(q), len(kv_per_q))
+        family = "attention"
+        if shapes.is_mla(self.model):   # the whole MLA module (projections + attention), per GPU
+            m, family = self.model, "mla"
+            frame = frame.assign(op="mla_" + phase, hidden_size=m.hidden_size, q_lora_rank=m.q_lora_rank,
+                                 kv_lora_rank=m.kv_lora_rank, qk_nope_head_dim=m.qk_nope_head_dim,
+                                 qk_rope_head_dim=m.qk_rope_head_dim, v_head_dim=m.v_head_dim,
+                                 kv_dtype=shapes.kv_dtype(m))
+        t = np.log(np.maximum(self.predict(family, frame), 1e-3)).reshape(len(batch), len(q), len(kv_per_q))
         # More sequences, queries or keys never cost less. This also bounds the trees' values at
         # grid points between measured ones (H100 decode lookups vs measured rows: median 5.3%,
         # p90 14.5% with it; 5.6% / 20.6% without).
@@ -200,6 +318,20 @@ class OpTimes:
     def send_recv_us(self, num_tokens: int) -> float:
         """One pipeline-stage hand-off of num_tokens hidden states."""
         return self._scaled(self._send_recv, num_tokens)
+
+    def send_recv_network_us(self, num_tokens: int) -> float:
+        """A pipeline hand-off of num_tokens hidden states between nodes."""
+        return self._scaled(self._send_recv_net, num_tokens)
+
+    def dense_mlp_us(self, num_tokens: int) -> float:
+        """The MLP (with its all-reduce) of one dense layer of an MoE model (0 for dense models,
+        whose MLP is in layer_token_ops_us)."""
+        return self._scaled(self._dense_mlp, num_tokens)
+
+    def moe_mlp_us(self, num_tokens: int) -> float:
+        """One MoE block (router, shared and routed experts, dispatch/combine or all-reduce) when
+        num_tokens tokens sit on each attention rank."""
+        return self._scaled(self._moe_mlp, num_tokens)
 
     def lm_head_us(self, num_sequences: int) -> float:
         """LM head over the last token of each sequence that samples this iteration."""
@@ -265,15 +397,18 @@ def _save_npz(path, tables: dict[str, np.ndarray]) -> None:
     atomic_write(path, write)
 
 
-def cache_key(fingerprint: str, hw: HwConf, model: ModelConf, tp: int, quantile: str, max_tokens: int) -> str:
-    blob = json.dumps([fingerprint, dataclasses.asdict(hw), dataclasses.asdict(model), tp, quantile, max_tokens,
+def cache_key(fingerprint: str, hw: HwConf, model: ModelConf, tp: int, quantile: str, max_tokens: int,
+              layout: shapes.Layout | None = None) -> str:
+    lay = dataclasses.asdict(layout or shapes.Layout(tp))
+    blob = json.dumps([fingerprint, dataclasses.asdict(hw), dataclasses.asdict(model), tp, quantile, max_tokens, lay,
                        GRID_VERSION, GRID_STEPS, DECODE_MAX_BATCH_LOG2, PREFILL_MAX_BATCH_LOG2, MAX_Q_LOG2,
                        MAX_KV_LOG2, PREFILL_BATCH_STEPS], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
 def load_op_times(hw: HwConf, model: ModelConf, tp: int, quantile: str = "p50",
-                  data_dir: str = "data", max_tokens: int = 16384) -> OpTimes:
+                  data_dir: str = "data", max_tokens: int = 16384,
+                  layout: shapes.Layout | None = None) -> OpTimes:
     """OpTimes for the simulator from the trained estimator of ``hw`` (data/estimators/<hw>).
 
     Families without a trained model use the roofline prior; with no trained model for ``hw``
@@ -291,13 +426,13 @@ def load_op_times(hw: HwConf, model: ModelConf, tp: int, quantile: str = "p50",
         preds = Predictors.load(hw, data_dir)
     except EstimatorError as exc:
         warn_once(("no-estimator", hw.name), f"{exc}; the simulator uses the roofline prior for hw={hw.name}")
-        key = cache_key("roofline", hw, model, tp, "p50", max_tokens)
-        return OpTimes(hw, model, tp, max_tokens=max_tokens, cache_path=cache_dir / f"{key}.npz")
+        key = cache_key("roofline", hw, model, tp, "p50", max_tokens, layout)
+        return OpTimes(hw, model, tp, max_tokens=max_tokens, cache_path=cache_dir / f"{key}.npz", layout=layout)
     source = f"estimator:{hw.name}:{quantile}"
     if preds.fallback:
         warn_once(("fallback", hw.name, tuple(preds.fallback)),
                   f"hw={hw.name}: no trained model for {', '.join(preds.fallback)}; roofline prior used for those")
         source += f" (roofline: {', '.join(preds.fallback)})"
-    key = cache_key(preds.fingerprint(), hw, model, tp, quantile, max_tokens)
+    key = cache_key(preds.fingerprint(), hw, model, tp, quantile, max_tokens, layout)
     return OpTimes(hw, model, tp, predict=preds.predict_fn(quantile), max_tokens=max_tokens, source=source,
-                   cache_path=cache_dir / f"{key}.npz")
+                   cache_path=cache_dir / f"{key}.npz", layout=layout)

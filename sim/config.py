@@ -65,9 +65,13 @@ class SimConf:
     band: bool = False                # also run with p10 and p90 operator times; report a band
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int = 0  # >0: use this many KV blocks per replica (as vLLM's option)
-    # Non-activation memory a serving engine holds besides weights/KV/activations (CUDA context,
-    # cuBLAS/NCCL workspaces). A modelling allowance, not a measurement; set 0 for a CPU engine.
-    reserved_gib: float = 1.0
+    # KV capacity as vLLM computes it (sim/memory.py): gpu_memory_utilization x memory - weights -
+    # profile-run activations - NCCL buffers - CUDA graphs. reserved_gib: any further allowance.
+    reserved_gib: float = 0.0
+    # CUDA-graph pool counted against the KV budget: vLLM >= 0.21 estimates it at start-up
+    # (VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS); earlier versions capture graphs after sizing
+    # the KV cache (0). Not measured here: engine profiles set it.
+    cuda_graph_gib: float = 0.0
     # CPU time per iteration (scheduling, input preparation, sampling, output processing) that
     # the GPU waits for. A modelling assumption of the order vLLM v0 shows on GPUs (ms per
     # iteration, Vidur §cpu_overhead); not measured here - the fidelity work calibrates it.

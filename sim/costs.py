@@ -15,9 +15,12 @@ repeated simulations with one OpTimes (the search) stay warm.
 """
 from __future__ import annotations
 
+import dataclasses
 import weakref
 
+from conf import shapes
 from conf.schema import ModelConf
+from conf.shapes import stage_layers
 
 _MEMOS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -32,12 +35,6 @@ def _cell(x: float) -> tuple[int, int, float]:
     return lo, lo + step, (x - lo) / step
 
 
-def stage_layers(num_layers: int, pp: int) -> list[int]:
-    """Layers per pipeline stage; the first ``num_layers % pp`` stages take one more."""
-    base, extra = divmod(num_layers, pp)
-    return [base + (1 if s < extra else 0) for s in range(pp)]
-
-
 class BatchCost:
     """Stage times (µs) of batches of one replica, from one OpTimes."""
 
@@ -48,6 +45,7 @@ class BatchCost:
         self.layers = stage_layers(model.num_layers, pp)
         self.cpu_iter_us, self.cpu_seq_us = cpu_per_iteration_us, cpu_per_sequence_us
         self.cpu_tok_us = cpu_per_token_us
+        self._init_sparse(model, pp)
         try:
             self._dec_memo = _MEMOS.setdefault(op_times, {})
         except TypeError:          # an OpTimes that cannot be weakly referenced: memo per run
@@ -88,6 +86,7 @@ class BatchCost:
         const = self._dec_const.get(n)
         if const is None:
             const = self._dec_const[n] = (L * (op.layer_token_ops_us(n) + op.layer_allreduce_us(n))
+                                          + self._mlp_us(0, n)
                                           + op.lm_head_us(n) + self.cpu_iter_us + (self.cpu_seq_us + self.cpu_tok_us) * n)
         b0, b1, fb = _cell(n)
         k0, k1, _ = _cell(x)
@@ -113,9 +112,31 @@ class BatchCost:
         last = self.pp - 1
         out = []
         for s, layers in enumerate(self.layers):
-            t = layers * per_layer
-            t += op.lm_head_us(num_sampled) if s == last else op.send_recv_us(num_tokens)
+            t = layers * per_layer + self._mlp_us(s, num_tokens)
+            t += op.lm_head_us(num_sampled) if s == last else self._send_us(s, num_tokens)
             if s == 0:
                 t += self.cpu_iter_us + self.cpu_seq_us * seqs + self.cpu_tok_us * num_tokens
             out.append(t)
         return out
+
+    # --- MoE blocks and node boundaries (models helper) --------------------------------------
+    def _init_sparse(self, model: ModelConf, pp: int) -> None:
+        """An MoE model's stages differ in their dense/MoE layer mix; a pipeline hand-off that
+        leaves a node goes over the network (the replica's GPUs fill nodes stage by stage)."""
+        self._mix = shapes.stage_mlp_mix(model, pp) if shapes.is_moe(model) else None
+        lay, hw = getattr(self.op, "layout", None), getattr(self.op, "hw", None)
+        self._cross = (shapes.stages_cross_node(dataclasses.replace(lay, pp=pp), hw.devices_per_node)
+                       if lay is not None and hw is not None else [False] * (pp - 1))
+
+    def _mlp_us(self, stage: int, num_tokens: int) -> float:
+        """The MLP blocks of an MoE model's stage (a dense model's MLP is in its token ops)."""
+        if self._mix is None:
+            return 0.0
+        dense, moe = self._mix[stage]
+        op = self.op
+        return dense * op.dense_mlp_us(num_tokens) + moe * op.moe_mlp_us(num_tokens)
+
+    def _send_us(self, stage: int, num_tokens: int) -> float:
+        if self._cross[stage]:
+            return self.op.send_recv_network_us(num_tokens)
+        return self.op.send_recv_us(num_tokens)
