@@ -47,10 +47,6 @@ def network_collective_us(hw: HwConf, op: str, size_bytes, world: int) -> np.nda
     measured collective tables stop at one node. Ring all-reduce moves 2(n-1)/n of the buffer
     in 2(n-1) hops, all-gather/reduce-scatter (n-1)/n in n-1; an all-to-all sends the share
     bound for other nodes, 1 - devices_per_node/n, at once; send/recv moves it once."""
-    from conf import ConfigError
-    if hw.network_bw_gbps <= 0:
-        raise ConfigError(f"hw {hw.name}: network_bw_gbps is 0, but this layout spans nodes of "
-                          f"{hw.devices_per_node} GPUs; give the card its inter-node bandwidth per GPU")
     size = np.asarray(size_bytes, float)
     n = float(world)
     frac, hops = {"all_reduce": (2 * (n - 1) / n, 2 * (n - 1)),
@@ -148,7 +144,8 @@ class OpTimes:
                     allreduce=table(self._tabulate_collective(tokens, "all_reduce", self.tp)),
                     send_recv=table(self._tabulate_collective(tokens, "send_recv", 2)),
                     send_recv_network=table(self._tabulate_send_recv_network(tokens)),
-                    dense_mlp=table(self._tabulate_dense_mlp(tokens) if sparse else zeros),
+                    dense_mlp=table(self._tabulate_dense_mlp(tokens)
+                                    if sparse and not all(shapes.moe_layer_flags(self.model)) else zeros),
                     moe_mlp=table(self._tabulate_moe_mlp(tokens) if sparse else zeros),
                     lm_head=table(self._tabulate_lm_head(tokens)),
                     decode_log_us=self._tabulate_decode(), prefill_log_us=self._tabulate_prefill())
@@ -230,7 +227,7 @@ class OpTimes:
         total = 0.0
         for c in calls:
             size = np.asarray(c.size_bytes, float)
-            if c.world_size > max(1, self.hw.devices_per_node):
+            if c.world_size > max(1, self.hw.devices_per_node) and self._network_known():
                 total += network_collective_us(self.hw, c.op, size, c.world_size)
                 continue
             df = pd.DataFrame(dict(hw=self.hw.name, op=c.op, dtype=self.dtype, network=self.hw.network,
@@ -243,8 +240,21 @@ class OpTimes:
         """A pipeline hand-off between nodes (InfiniBand/RoCE, the card's network fields)."""
         if self.layout.pp == 1 or self.hw.devices_per_node >= self.layout.gpus:
             return np.zeros(len(tokens))
+        if not self._network_known():
+            return self._tabulate_collective(tokens, "send_recv", 2)
         size = tokens * shapes.activation_bytes_per_token(self.model)
         return network_collective_us(self.hw, "send_recv", size, 2)
+
+    def _network_known(self) -> bool:
+        """Whether the card gives its inter-node network; without it, traffic between nodes is
+        priced as within a node (today's tables), with a warning."""
+        if self.hw.network_bw_gbps > 0:
+            return True
+        from estimator.model import warn_once
+        warn_once(("no-network", self.hw.name),
+                  f"hw {self.hw.name}: network_bw_gbps is not set; a layout of {self.layout.gpus} GPUs spans "
+                  f"nodes of {self.hw.devices_per_node}, and its traffic between nodes is priced as within a node")
+        return False
 
     def _tabulate_collective(self, tokens: np.ndarray, op: str, world: int) -> np.ndarray:
         if world <= 1:

@@ -155,6 +155,9 @@ def simulate(cfg: DictConfig, op_times=None, *, outputs: bool | None = None) -> 
     summary["kv_util_mean"] = (sum(r.kv_area for r in replicas)
                                / (plan.num_blocks * len(replicas) * end_s)) if end_s > 0 else math.nan
     summary["kv_util_peak"] = max(r.peak_blocks for r in replicas) / plan.num_blocks
+    # what the layout buys in memory (the search explains its winner with these)
+    summary["kv_capacity_tokens"] = float(plan.num_tokens * lay.dp)     # per replica, all DP ranks
+    summary["weight_gib_per_gpu"] = plan.weight_bytes / 2 ** 30
     summary["wall_s"] = time.perf_counter() - wall0
     summary["loop_wall_s"] = loop_s
     result = SimResult(summary, requests, plan, timeline or [], trace or [],
