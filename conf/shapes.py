@@ -320,7 +320,7 @@ def activation_bytes_per_token(model: ModelConf) -> int:
 
 @dataclass(frozen=True)
 class Collective:
-    op: str              # all_reduce | all_gather | reduce_scatter | alltoall
+    op: str              # all_reduce | all_gather | reduce_scatter | all_to_all (profiler/tables.py names)
     size_bytes: float    # NCCL message size (nccl-tests convention: the whole buffer of a rank)
     world_size: int
 
@@ -344,7 +344,7 @@ def moe_block_collectives(model: ModelConf, lay: Layout, num_tokens) -> list[Col
         return [Collective("all_reduce", n_b, lay.width)] if lay.width > 1 else []
     if lay.all2all == "deepep":
         size = num_tokens / lay.tp * model.experts_per_token * b * lay.imbalance
-        out += [Collective("alltoall", size, lay.ep), Collective("alltoall", size, lay.ep)]
+        out += [Collective("all_to_all", size, lay.ep), Collective("all_to_all", size, lay.ep)]
         if lay.tp > 1:
             out.append(Collective("all_gather", n_b, lay.tp))
         return out

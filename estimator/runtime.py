@@ -36,6 +36,9 @@ MAX_Q_LOG2, MAX_KV_LOG2 = 15, 17
 PREFILL_BATCH_STEPS = 1
 GRID_VERSION = 8  # bump when the tabulation changes, so old disk caches are not reused
 
+# Bytes per weight of the table's weight precisions (fp8_block: 128x128-block-scaled fp8).
+WEIGHT_BYTES = {**DTYPE_BYTES, "fp8_block": 1}
+
 # An MoE model's MLP parts, tabulated apart from the other token ops.
 MLP_GEMMS = ("gate_up_proj", "up_proj", "down_proj")
 MLP_ACTIVATIONS = ("silu_mul", "gelu")
@@ -51,7 +54,7 @@ def network_collective_us(hw: HwConf, op: str, size_bytes, world: int) -> np.nda
     n = float(world)
     frac, hops = {"all_reduce": (2 * (n - 1) / n, 2 * (n - 1)),
                   "all_gather": ((n - 1) / n, n - 1), "reduce_scatter": ((n - 1) / n, n - 1),
-                  "alltoall": (max(0.0, 1 - hw.devices_per_node / n), 1.0),
+                  "all_to_all": (max(0.0, 1 - hw.devices_per_node / n), 1.0),
                   "send_recv": (1.0, 1.0)}[op]
     return np.maximum(size * frac / (hw.network_bw_gbps * 1e3) + hops * hw.network_latency_us,
                       roofline.MIN_KERNEL_US)
@@ -72,12 +75,12 @@ def roofline_predict(hw: HwConf) -> PredictFn:
         if family == "moe":
             return roofline.moe_us(df.num_tokens, df.hidden_size, df.ffn_size, df.num_experts, df.top_k, hw,
                                    df.tp.clip(lower=1), df.ep.clip(lower=1), b)
-        if family == "mla":
-            kvb = DTYPE_BYTES.get(str(df["kv_dtype"].iloc[0]), b) if "kv_dtype" in df else b
+        if family == "mla":   # dtype = the KV cache's, weight_dtype = the projections' (profiler/tables.py)
+            wb = WEIGHT_BYTES.get(str(df["weight_dtype"].iloc[0]), b) if "weight_dtype" in df else b
             return roofline.mla_us(df.phase.astype(str).to_numpy() == "prefill", df.num_q_tokens, df.num_kv_tokens,
                                    df.q_kv_product_sum, df.num_heads, df.hidden_size, df.q_lora_rank,
                                    df.kv_lora_rank, df.qk_nope_head_dim, df.qk_rope_head_dim, df.v_head_dim,
-                                   hw, b, kvb)
+                                   hw, wb, b)
         raise ValueError(f"no roofline for family {family!r}")
     return predict
 
@@ -290,10 +293,12 @@ class OpTimes:
         family = "attention"
         if shapes.is_mla(self.model):   # the whole MLA module (projections + attention), per GPU
             m, family = self.model, "mla"
-            frame = frame.assign(op="mla_" + phase, hidden_size=m.hidden_size, q_lora_rank=m.q_lora_rank,
+            # fp8 MLA checkpoints (DeepSeek) are 128x128 block-scaled: the tables' fp8_block rows
+            wdt = "fp8_block" if shapes.weight_dtype(m) == "fp8" else shapes.weight_dtype(m)
+            frame = frame.assign(op="mla", dtype=shapes.kv_dtype(m), weight_dtype=wdt, attn_dtype=m.dtype,
+                                 hidden_size=m.hidden_size, q_lora_rank=m.q_lora_rank,
                                  kv_lora_rank=m.kv_lora_rank, qk_nope_head_dim=m.qk_nope_head_dim,
-                                 qk_rope_head_dim=m.qk_rope_head_dim, v_head_dim=m.v_head_dim,
-                                 kv_dtype=shapes.kv_dtype(m))
+                                 qk_rope_head_dim=m.qk_rope_head_dim, v_head_dim=m.v_head_dim, block_size=64)
         t = np.log(np.maximum(self.predict(family, frame), 1e-3)).reshape(len(batch), len(q), len(kv_per_q))
         # More sequences, queries or keys never cost less. This also bounds the trees' values at
         # grid points between measured ones (H100 decode lookups vs measured rows: median 5.3%,

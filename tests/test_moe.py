@@ -84,15 +84,15 @@ def test_moe_collective_sizes_by_hand():
                                                           ("reduce_scatter", 5_734_400, 4),
                                                           ("all_reduce", 1_433_600, 2)]
     # DeepEP all-to-all: each token once per selected expert (top-8), there and back
-    assert sizes(DS, n, tp=1, ep=16, dp_attention=True, all2all="deepep") == [("alltoall", 100 * 8 * tok, 16)] * 2
+    assert sizes(DS, n, tp=1, ep=16, dp_attention=True, all2all="deepep") == [("all_to_all", 100 * 8 * tok, 16)] * 2
     assert 100 * 8 * tok == 11_468_800
     # ... tokens split over tp2, then gathered back; the busiest rank moves 1.5x the mean
     assert sizes(DS, n, tp=2, ep=8, dp_attention=True, all2all="deepep", expert_imbalance=1.5) == [
-        ("alltoall", 50 * 8 * tok * 1.5, 8), ("alltoall", 50 * 8 * tok * 1.5, 8), ("all_gather", 1_433_600, 2)]
+        ("all_to_all", 50 * 8 * tok * 1.5, 8), ("all_to_all", 50 * 8 * tok * 1.5, 8), ("all_gather", 1_433_600, 2)]
     assert 50 * 8 * tok * 1.5 == 8_601_600
     # Mixtral (hidden 4096 -> 8,192 bytes), top-2
     assert sizes(MIX, n, tp=2, ep=2) == [("all_reduce", 819_200, 2)]
-    assert sizes(MIX, n, tp=1, ep=2, dp_attention=True, all2all="deepep") == [("alltoall", 1_638_400, 2)] * 2
+    assert sizes(MIX, n, tp=1, ep=2, dp_attention=True, all2all="deepep") == [("all_to_all", 1_638_400, 2)] * 2
     assert sizes(MIX, n, tp=1) == []        # one GPU: nothing to exchange
 
 
@@ -126,6 +126,7 @@ def test_moe_query_per_layout_and_imbalance():
     # MLA: attention is the whole module, per GPU 128 heads at tp1
     mla = rec.of("mla")
     assert set(mla.num_heads) == {128} and set(mla.kv_lora_rank) == {512} and set(mla.phase) == {"prefill", "decode"}
+    assert set(mla.op) == {"mla"} and set(mla.weight_dtype) == {"fp8_block"} and set(mla.dtype) == {"bfloat16"}
     assert not {"qkv_proj", "o_proj", "q_b_proj"} & set(rec.of("gemm").op)   # inside the module
     # more imbalance, slower MoE blocks; nothing else moves
     flat = rt.OpTimes(H100, DS, 1, max_tokens=64, layout=dataclasses.replace(lay, expert_imbalance=1.0))
@@ -178,7 +179,7 @@ def test_mfu_counts_top_k_experts():
 
 
 # --- nodes: PP across nodes on the network, TP across nodes warned --------------------------------
-NET = dataclasses.replace(H100, network_bw_gbps=50.0, network_latency_us=10.0)   # 400 Gb/s NIC per GPU
+NET = dataclasses.replace(H100, network_bw_gbps=50.0, network_latency_us=10.0)   # DGX H100: 400 Gb/s per GPU
 
 
 def test_pp_across_nodes_uses_the_network():
@@ -192,7 +193,8 @@ def test_pp_across_nodes_uses_the_network():
     cost = BatchCost(ops, m, 2, 0.0, 0.0)
     assert cost._send_us(0, 64) == ops.send_recv_network_us(64) > ops.send_recv_us(64)
     # a card without network fields: priced as within a node, with a warning
-    plain = rt.OpTimes(H100, m, 8, max_tokens=64, layout=shapes.layout(m, tp=8, pp=2))
+    plain = rt.OpTimes(dataclasses.replace(H100, network_bw_gbps=0.0), m, 8, max_tokens=64,
+                       layout=shapes.layout(m, tp=8, pp=2))
     assert plain.send_recv_network_us(64) == plain.send_recv_us(64)
 
 
@@ -213,11 +215,8 @@ def test_tp_across_nodes_warns(caplog):
 
 
 # --- whole simulations ------------------------------------------------------------------------------
-H200ISH = ["hw=h100", "hw.mem_gib=141", "hw.mem_bw_gbps=4800"]   # H200 memory on the H100 card
-
-
 def ds_cfg(*extra):
-    return sim.compose(["model=deepseek-v3", *H200ISH, "parallel.ep=8", "parallel.dp_attention=true",
+    return sim.compose(["model=deepseek-v3", "hw=h200", "parallel.ep=8", "parallel.dp_attention=true",
                         "workload=fixed", "workload.num_requests=24", "workload.qps=8",
                         "workload.prefill_tokens=256", "workload.decode_tokens=16", *extra])
 
