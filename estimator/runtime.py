@@ -248,6 +248,13 @@ class OpTimes:
         size = tokens * shapes.activation_bytes_per_token(self.model)
         return network_collective_us(self.hw, "send_recv", size, 2)
 
+    def _across_nodes(self, op: str, size: np.ndarray, world: int, within: np.ndarray) -> np.ndarray:
+        """A collective whose group spans nodes (TP beyond a node) runs on the network; the
+        measured tables stop at one node."""
+        if world > max(1, self.hw.devices_per_node) and self._network_known():
+            return network_collective_us(self.hw, op, size, world)
+        return within
+
     def _network_known(self) -> bool:
         """Whether the card gives its inter-node network; without it, traffic between nodes is
         priced as within a node (today's tables), with a warning."""
@@ -267,6 +274,7 @@ class OpTimes:
                                size_bytes=size, world_size=world,
                                devices_per_node=self.hw.devices_per_node))
         per_call = self.predict("collective", df)
+        per_call = self._across_nodes(op, size, world, per_call)
         if op == "all_reduce":
             count = shapes.allreduces_per_layer(self.model, self.tp)
             if shapes.is_moe(self.model) and count:   # the MLP's is in dense_mlp / moe_mlp

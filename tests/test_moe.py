@@ -207,11 +207,15 @@ def test_ep_across_nodes_all_to_all_on_the_network():
     assert ops._collectives_us(shapes.moe_block_collectives(DS, lay, np.array([16.0]))) == pytest.approx(expect)
 
 
-def test_tp_across_nodes_warns(caplog):
+def test_tp_across_nodes_warns_and_all_reduces_on_the_network(caplog):
     from sim.core import warn_layout
     with caplog.at_level(logging.WARNING):
         warn_layout(H100, shapes.Layout(tp=16))
     assert "parallel.tp=16 spans nodes of 8 GPUs" in caplog.text
+    m = card("llama3-70b")                    # 64 heads: tp16 allowed
+    ops = rt.OpTimes(NET, m, 16, max_tokens=8)
+    ring = 8 * 16384 * 2 * 15 / 16 / 50e3 + 2 * 15 * 10.0     # 8 tokens, ring over 16 GPUs, 30 hops
+    assert ops.layer_allreduce_us(8) == pytest.approx(2 * ring)
 
 
 # --- whole simulations ------------------------------------------------------------------------------
@@ -249,6 +253,8 @@ def test_search_covers_ep_and_dp_for_moe_only():
     runnable, skipped = enumerate_space(search_compose(["model=mixtral-8x7b", *base]), fits=check_fits)
     layouts = {(c.tp, c.ep, c.dp_attention, c.weight_dtype) for c, _ in runnable}
     assert (1, 8, True, "") in layouts and (8, 8, False, "fp8") in layouts and (8, 1, False, "") in layouts
+    assert (8, 8, True, "") not in layouts                                # one DP rank = tp8 ep8
+    assert any("is one DP rank" in s.reason for s in skipped)
     assert any("ep must divide tp" in s.reason for s in skipped)          # tp1 ep8 without DP attention
     runnable, _ = enumerate_space(search_compose(["model=llama3-8b", *base]), fits=check_fits)
     assert {(c.ep, c.dp_attention) for c, _ in runnable} == {(1, False)}

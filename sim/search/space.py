@@ -180,7 +180,8 @@ def config_hash(sim_cfg: DictConfig | dict, volatile_keys=(), extra: dict | None
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def parallel_splits(space, budget: int, moe: bool = False) -> list[tuple[int, int, int, bool, int, str]]:
+def parallel_splits(space, budget: int, moe: bool = False,
+                    all2all: str = "allgather_reducescatter") -> list[tuple[int, int, int, bool, int, str]]:
     """(tp, pp, ep, dp_attention, replicas, reason) for every tp x pp (x ep x dp_attention for
     an MoE model); reason is empty when the budget divides the replica's GPUs."""
     eps = [int(e) for e in _as_list(space.get("ep", [1]), "ep")] if moe else [1]
@@ -193,6 +194,8 @@ def parallel_splits(space, budget: int, moe: bool = False) -> list[tuple[int, in
         per_replica = (ep if dp else tp) * pp
         what = f"ep*pp={per_replica}" if dp else f"tp*pp={per_replica}"
         reason = "" if budget % per_replica == 0 else f"{what} does not divide the {budget}-GPU budget"
+        if dp and ep == tp and all2all != "deepep":
+            reason = f"dp_attention with ep=tp={tp} is one DP rank: the same deployment as tp{tp} ep{ep}"
         out.append((tp, pp, ep, dp, budget // per_replica if not reason else 0, reason))
     return out
 
@@ -216,7 +219,7 @@ def enumerate_space(cfg: DictConfig, fits=None) -> tuple[list[tuple[Candidate, D
     runnable, skipped = [], []
     for hw in hw_nodes:
         for (tp, pp, ep, dp, replicas, reason), (wdt, kvdt) in itertools.product(
-                parallel_splits(space, budget, moe), dtypes):
+                parallel_splits(space, budget, moe, str(cfg.parallel.get("all2all_backend", ""))), dtypes):
             for sched in schedulers:
                 for knob_values in knob_grid(knobs.get(sched) or {}):
                     cand = Candidate(hw, tp, pp, replicas, sched, knob_values, ep, dp, str(wdt or ""),
