@@ -25,6 +25,7 @@ from conf.schema import DTYPE_BYTES, HwConf, ModelConf
 from estimator import roofline
 
 PredictFn = Callable[[str, pd.DataFrame], np.ndarray]
+KnowsFn = Callable[[str, str], bool]   # (family, op name) -> the predictor has rows for it
 
 # Attention grid: values at 2**(i / STEPS) per axis, interpolated linearly in log-log space.
 # Octaves: the profiles measure batches, query and KV lengths at powers of two, and trees are
@@ -34,7 +35,7 @@ GRID_STEPS = 1
 DECODE_MAX_BATCH_LOG2, PREFILL_MAX_BATCH_LOG2 = 12, 8
 MAX_Q_LOG2, MAX_KV_LOG2 = 15, 17
 PREFILL_BATCH_STEPS = 1
-GRID_VERSION = 7  # bump when the tabulation changes, so old disk caches are not reused
+GRID_VERSION = 8  # bump when the tabulation changes, so old disk caches are not reused
 
 
 def roofline_predict(hw: HwConf) -> PredictFn:
@@ -75,10 +76,15 @@ class OpTimes:
     """Tabulated per-layer operator times of one model shard on one hardware card."""
 
     def __init__(self, hw: HwConf, model: ModelConf, tp: int, predict: PredictFn | None = None,
-                 max_tokens: int = 16384, source: str | None = None, cache_path: str | Path | None = None):
+                 max_tokens: int = 16384, source: str | None = None, cache_path: str | Path | None = None,
+                 knows: KnowsFn | None = None):
         self.hw, self.model, self.tp = hw, model, tp
         self.predict = predict or roofline_predict(hw)
         self.source = source or ("roofline" if predict is None else "estimator")
+        # Ops the predictor has no rows for are priced by the roofline prior (elementwise) or by
+        # the nearest measured op (custom all-reduce -> NCCL); None: it knows every op.
+        self.knows = knows or (lambda family, op: True)
+        self.roofline = roofline_predict(hw)
         self.max_tokens = max_tokens
         self.dtype = model.dtype
         self.nq, self.nkv = shapes.heads_per_gpu(model, tp)
@@ -91,8 +97,9 @@ class OpTimes:
                 except OSError as exc:  # a read-only data dir: work uncached
                     from estimator.model import warn_once
                     warn_once(("cache", str(cache_path)), f"cannot cache operator tables at {cache_path}: {exc}")
-        self._token_ops, self._allreduce = tables["token_ops"], tables["allreduce"]
-        self._send_recv, self._lm_head = tables["send_recv"], tables["lm_head"]
+        self._token_ops, self._send_recv = tables["token_ops"], tables["send_recv"]
+        self._allreduce, self._custom_allreduce = tables["allreduce"], tables["custom_allreduce"]
+        self._embed, self._final_norm, self._lm_head = tables["embed"], tables["final_norm"], tables["lm_head"]
         # Scalar lookups on Python lists are several times faster than on numpy arrays.
         self._decode = tables["decode_log_us"].tolist()
         self._prefill = tables["prefill_log_us"].tolist()
@@ -106,9 +113,13 @@ class OpTimes:
         everyone = np.arange(1, n + 1)
         def table(values):  # index = tokens; more tokens never cost less
             return np.concatenate([[0.0], np.maximum.accumulate(np.interp(everyone, tokens, values))])
+        hidden = self.model.hidden_size
         return dict(token_ops=table(self._tabulate_token_ops(tokens)),
                     allreduce=table(self._tabulate_collective(tokens, "all_reduce", self.tp)),
+                    custom_allreduce=table(self._tabulate_collective(tokens, "custom_all_reduce", self.tp)),
                     send_recv=table(self._tabulate_collective(tokens, "send_recv", 2)),
+                    embed=table(self._elementwise(shapes.Elementwise("embedding", hidden), tokens)),
+                    final_norm=table(self._elementwise(shapes.Elementwise(self.model.norm, hidden), tokens)),
                     lm_head=table(self._tabulate_lm_head(tokens)),
                     decode_log_us=self._tabulate_decode(), prefill_log_us=self._tabulate_prefill())
 
@@ -130,29 +141,43 @@ class OpTimes:
                 ffn_size=m.ffn_size, num_experts=m.num_experts, top_k=m.experts_per_token, ep=1, tp=self.tp))
         frame = pd.concat([self._frame(op=[g.op] * len(tokens), m=tokens, n=g.n, k=g.k) for g in gemms])
         total += self.predict("gemm", frame).reshape(len(gemms), len(tokens)).sum(axis=0)
-        ops = shapes.layer_elementwise(self.model, self.tp)
-        frame = pd.concat([self._frame(op=[e.op] * len(tokens), num_tokens=tokens, width=e.width,
-                                       num_heads=e.num_heads, num_kv_heads=e.num_kv_heads, head_dim=e.head_dim)
-                           for e in ops])
-        per_op = self.predict("elementwise", frame).reshape(len(ops), len(tokens))
-        total += (np.array([e.per_layer for e in ops])[:, None] * per_op).sum(axis=0)
+        for e in shapes.engine_layer_elementwise(self.model, self.tp):
+            total += e.per_layer * self._elementwise(e, tokens)
         return total
 
-    def _tabulate_collective(self, tokens: np.ndarray, op: str, world: int) -> np.ndarray:
+    def _elementwise(self, e: shapes.Elementwise, tokens: np.ndarray) -> np.ndarray:
+        """µs of elementwise op ``e`` at each token count; the roofline prior where the predictor
+        has no rows for the op (vLLM's fused and cache ops until they are profiled)."""
+        frame = self._frame(op=[e.op] * len(tokens), num_tokens=tokens, width=e.width,
+                            num_heads=e.num_heads, num_kv_heads=e.num_kv_heads, head_dim=e.head_dim)
+        return (self.predict if self.knows("elementwise", e.op) else self.roofline)("elementwise", frame)
+
+    def _collective(self, op: str, size_bytes: np.ndarray, world: int) -> np.ndarray:
+        """µs of one collective per message size. vLLM's custom all-reduce is priced from its own
+        CUDA-graph rows where the predictor has them, else from the NCCL all-reduce rows (what
+        opcast priced before those rows existed); other unmeasured ops use the roofline prior."""
         if world <= 1:
-            return np.zeros(len(tokens))
-        size = tokens * shapes.activation_bytes_per_token(self.model)
+            return np.zeros(len(size_bytes))
+        if op == "custom_all_reduce" and not self.knows("collective", op):
+            op = "all_reduce"
         df = pd.DataFrame(dict(hw=self.hw.name, op=op, dtype=self.dtype, network=self.hw.network,
-                               size_bytes=size, world_size=world,
+                               size_bytes=size_bytes, world_size=world, cuda_graph=True,
                                devices_per_node=self.hw.devices_per_node))
-        per_call = self.predict("collective", df)
-        if op == "all_reduce":
-            return per_call * shapes.allreduces_per_layer(self.model, self.tp)
-        return per_call
+        return (self.predict if self.knows("collective", op) else self.roofline)("collective", df)
+
+    def _tabulate_collective(self, tokens: np.ndarray, op: str, world: int) -> np.ndarray:
+        """One collective of ``tokens`` hidden states (all-reduce, or a pipeline hand-off)."""
+        return self._collective(op, tokens * shapes.activation_bytes_per_token(self.model), world)
 
     def _tabulate_lm_head(self, tokens: np.ndarray) -> np.ndarray:
+        """LM head GEMM over the sampled sequences, the all-gather of the vocabulary-sharded logits
+        at tp > 1 (vLLM v1's LogitsProcessor; v0 gathers to one rank, the same bytes), and the
+        sampler over the full vocabulary."""
         g = shapes.lm_head_gemm(self.model, self.tp)
-        return self.predict("gemm", self._frame(op=["lm_head"] * len(tokens), m=tokens, n=g.n, k=g.k))
+        t = self.predict("gemm", self._frame(op=["lm_head"] * len(tokens), m=tokens, n=g.n, k=g.k))
+        logits_bytes = tokens * self.model.vocab_size * DTYPE_BYTES[self.dtype]
+        t = t + self._collective("all_gather", logits_bytes, self.tp)
+        return t + self._elementwise(shapes.Elementwise("sampler", self.model.vocab_size), tokens)
 
     def _attn_grid(self, phase: str, batch: np.ndarray, q: np.ndarray, kv_per_q: np.ndarray) -> np.ndarray:
         """log µs over batch x mean q x (q-weighted mean kv / mean q), for uniform batches.
@@ -190,20 +215,34 @@ class OpTimes:
 
     # --- the simulator's questions ------------------------------------------------------
     def layer_token_ops_us(self, num_tokens: int) -> float:
-        """GEMMs, norms, activation, RoPE and residual adds of one layer over num_tokens tokens."""
+        """GEMMs and the elementwise ops vLLM runs in one layer (fused residual-add + norms,
+        activation, RoPE, KV-cache write) over num_tokens tokens."""
         return self._scaled(self._token_ops, num_tokens)
 
-    def layer_allreduce_us(self, num_tokens: int) -> float:
-        """All TP all-reduces of one layer (0 at tp=1)."""
-        return self._scaled(self._allreduce, num_tokens)
+    def allreduce_us(self, num_tokens: int, custom: bool = False) -> float:
+        """One TP all-reduce of num_tokens hidden states (0 at tp=1): NCCL, or the engine's
+        custom all-reduce (the caller decides which by message size)."""
+        return self._scaled(self._custom_allreduce if custom else self._allreduce, num_tokens)
 
     def send_recv_us(self, num_tokens: int) -> float:
         """One pipeline-stage hand-off of num_tokens hidden states."""
         return self._scaled(self._send_recv, num_tokens)
 
+    def embed_us(self, num_tokens: int) -> float:
+        """Token embedding lookup of one forward (its all-reduce at tp > 1 is the caller's)."""
+        return self._scaled(self._embed, num_tokens)
+
+    def final_norm_us(self, num_tokens: int) -> float:
+        """The norm after the last layer, over every token of the forward."""
+        return self._scaled(self._final_norm, num_tokens)
+
     def lm_head_us(self, num_sequences: int) -> float:
-        """LM head over the last token of each sequence that samples this iteration."""
+        """LM head, logits gather (tp > 1) and sampler over the sequences that sample this iteration."""
         return self._scaled(self._lm_head, num_sequences)
+
+    def decode_attention_us(self, batch: float, mean_kv: float) -> float:
+        """One layer's attention of ``batch`` decodes whose KV lengths average ``mean_kv``."""
+        return self._lookup2(batch, mean_kv)
 
     def layer_attention_us(self, prefill_q: Sequence[int], prefill_kv: Sequence[int],
                            decode_kv: Sequence[int]) -> float:
@@ -300,4 +339,4 @@ def load_op_times(hw: HwConf, model: ModelConf, tp: int, quantile: str = "p50",
         source += f" (roofline: {', '.join(preds.fallback)})"
     key = cache_key(preds.fingerprint(), hw, model, tp, quantile, max_tokens)
     return OpTimes(hw, model, tp, predict=preds.predict_fn(quantile), max_tokens=max_tokens, source=source,
-                   cache_path=cache_dir / f"{key}.npz")
+                   cache_path=cache_dir / f"{key}.npz", knows=preds.knows)
