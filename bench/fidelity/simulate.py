@@ -13,7 +13,8 @@ from conf.files import atomic_write
 BASE_OVERRIDES = ["hw=cpu", "model=tiny-llama", "scheduler=vllm_v1_cpu", "workload=fidelity_trace",
                   "parallel.tp=1", "parallel.pp=1", "parallel.replicas=1", "seed=0",
                   "sim.out_dir=null", "sim.keep_requests=true", "sim.reserved_gib=0",
-                  "sim.print_summary=false"]
+                  "sim.print_summary=false",
+                  "engine.frontend_latency_us=0"]   # the harness adds its own measured frontend latency
 
 
 def write_trace_parquet(requests: list[dict], path: str | Path) -> Path:

@@ -120,15 +120,12 @@ class Simulator:
 
 
 # --- one case per kind ------------------------------------------------------------------------
-def run_replay(case: Case, index: dict, simr: Simulator, ratio: float) -> dict:
+def run_replay(case: Case, index: dict, simr: Simulator, ratio: float, data: Path = DATA) -> dict:
     loads = sorted(index["loads"], key=lambda e: e["load"])
     rows = []
     for e in loads:
-        eng = pd.read_parquet(DATA / e["engine"])
-        sim = simr.replay(case.sim, DATA / e["trace"], len(eng))
-        if not (sim.num_prefill_tokens.to_numpy() == eng.num_prefill_tokens.to_numpy()).all():
-            raise RuntimeError(f"{case.name} load {e['load']}: simulated requests are not the engine's (order or lengths)")
-        es, ss = summarise(eng), summarise(sim)
+        eng = pd.read_parquet(data / e["engine"])
+        es, ss = summarise(eng), seed_mean(case, simr, data / e["trace"], len(eng), eng)
         rows.append({"load": e["load"], "num_requests": len(eng), "engine": es, "sim": ss, "error_pct": errors_pct(es, ss)})
     qps = [r["load"] for r in rows]
     i_eng = saturation(qps, [r["engine"]["ttft_s_mean"] for r in rows], ratio)
@@ -142,25 +139,38 @@ def run_replay(case: Case, index: dict, simr: Simulator, ratio: float) -> dict:
                               "sim": qps[i_sim] if i_sim < len(qps) else None,
                               "within_one_step": abs(i_eng - i_sim) <= 1},
            "below_saturation": {"num_loads": len(below), "mean_abs_error_pct": mean_abs, "max_abs_error_pct": worst}}
-    out["meets_targets"] = bool(below) and all(v <= TARGET_PCT for v in worst.values()) \
+    # the issue's target: the mean over the loads below saturation of |error| of mean TTFT and of
+    # mean e2e, each <= 10 %; and the saturation load within one step
+    out["meets_targets"] = bool(below) and all(v <= TARGET_PCT for v in mean_abs.values()) \
         and out["saturation_qps"]["within_one_step"]
     return out
 
 
-def run_aggregate(case: Case, index: dict, simr: Simulator, ratio: float = 0.0) -> dict:
+def seed_mean(case: Case, simr: Simulator, trace: Path, num_requests: int, engine: pd.DataFrame | None = None,
+              extra: tuple = ()) -> dict[str, float]:
+    """The simulated statistics averaged over the case's ``seeds`` (the router's random draws;
+    the replayed requests are the same in every run). With ``engine`` per-request rows, checks
+    that the simulated requests are the engine's, in the same order."""
+    per_seed = []
+    for seed in range(int(case.extra.get("seeds", 1))):
+        sim = simr.replay([*case.sim, *extra], trace, num_requests, seed=seed)
+        if engine is not None and not (sim.num_prefill_tokens.to_numpy() == engine.num_prefill_tokens.to_numpy()).all():
+            raise RuntimeError(f"{case.name} {trace.name}: simulated requests are not the engine's (order or lengths)")
+        per_seed.append(summarise(sim))
+    return {k: float(np.mean([p[k] for p in per_seed])) for k in per_seed[0]}
+
+
+def run_aggregate(case: Case, index: dict, simr: Simulator, ratio: float = 0.0, data: Path = DATA) -> dict:
     rows = []
     for e in index["loads"]:
-        reps = [f"parallel.replicas={e['replicas']}"] if "replicas" in e else []
-        sims = [simr.replay([*case.sim, *reps], DATA / e["trace"], e["num_requests"], seed=s)
-                for s in range(int(case.extra.get("seeds", 1)))]
-        per_seed = [summarise(s) for s in sims]
-        ss = {k: float(np.mean([p[k] for p in per_seed])) for k in per_seed[0]}
+        reps = (f"parallel.replicas={e['replicas']}",) if "replicas" in e else ()
+        ss = seed_mean(case, simr, data / e["trace"], e["num_requests"], extra=reps)
         es = e["engine"]
         rows.append({"load": e["load"], "label": e["label"], "num_requests": e["num_requests"], "engine": es,
                      "sim": {k: ss[k] for k in es}, "error_pct": errors_pct(es, ss)})
-    worst = {m: max(abs(r["error_pct"][m]) for r in rows) for m in ("ttft_s_mean",) if rows}
-    return {"loads": rows, "max_abs_error_pct": worst,
-            "meets_targets": bool(rows) and all(v <= TARGET_PCT for v in worst.values())}
+    mean_abs = {m: float(np.mean([abs(r["error_pct"][m]) for r in rows])) for m in ("ttft_s_mean", "tpot_s_mean")}
+    return {"loads": rows, "mean_abs_error_pct": mean_abs,
+            "meets_targets": bool(rows) and all(v <= TARGET_PCT for v in mean_abs.values())}
 
 
 def tokens_per_second(req: pd.DataFrame, horizon_s: int) -> np.ndarray:
@@ -180,10 +190,10 @@ def curve_measures(tok: np.ndarray) -> dict[str, float]:
             "mean_tok_s": float(tok[:end].mean()) if end else math.nan}
 
 
-def run_throughput(case: Case, index: dict, simr: Simulator, ratio: float = 0.0) -> dict:
+def run_throughput(case: Case, index: dict, simr: Simulator, ratio: float = 0.0, data: Path = DATA) -> dict:
     e = index["loads"][0]
     curve = np.asarray(e["engine"]["throughput_tok_s"], float)
-    sim = simr.replay(case.sim, DATA / e["trace"], e["num_requests"])
+    sim = simr.replay(case.sim, data / e["trace"], e["num_requests"])
     horizon = int(max(len(curve) * 3, sim.completed_at_s.max() + 2))
     tok = tokens_per_second(sim, horizon)
     em, sm = curve_measures(curve), curve_measures(tok)
@@ -237,8 +247,11 @@ def print_replay(name: str, res: dict) -> None:
 def print_aggregate(name: str, res: dict) -> None:
     print(f"\n{name}  (ms: engine, opcast, error)")
     for r in res["loads"]:
-        cells = "  ".join(f"{k.replace('_s_', ' ')} {_cell(v, r['sim'][k])}" for k, v in r["engine"].items())
-        print(f"  {r['label']}: {cells}")
+        print(f"  {r['label']}")
+        print("    " + "  ".join(f"{k.replace('_s_', ' ')} {_cell(v, r['sim'][k])}" for k, v in sorted(r["engine"].items())))
+    m = res["mean_abs_error_pct"]
+    print(f"  mean |error| of mean TTFT {m['ttft_s_mean']:.1f}%, of mean TPOT {m['tpot_s_mean']:.1f}% -> "
+          f"{'meets' if res['meets_targets'] else 'misses'} the targets")
 
 
 def print_throughput(name: str, res: dict) -> None:
@@ -253,9 +266,9 @@ PRINTERS = {"replay": print_replay, "aggregate": print_aggregate, "throughput": 
 
 
 # --- main -------------------------------------------------------------------------------------
-def run(names: list[str] | None, extra: list[str]) -> dict:
+def run(names: list[str] | None, extra: list[str], data: Path = DATA) -> dict:
     cases, settings = load_cases()
-    index = json.loads((DATA / "index.json").read_text())
+    index = json.loads((data / "index.json").read_text())
     simr = Simulator(extra)
     ratio = float(settings["sweep_saturation_ttft_ratio"])
     report = {"command": "python bench/gpu_fidelity/run.py" + "".join(f" --set {x}" for x in extra),
@@ -274,11 +287,11 @@ def run(names: list[str] | None, extra: list[str]) -> dict:
             print(f"\n{case.name}: not simulated - {case.blocked}")
         else:
             t0 = time.perf_counter()
-            res = KINDS[case.kind](case, index[case.name], simr, ratio)
+            res = KINDS[case.kind](case, index[case.name], simr, ratio, data)
             entry.update(res, wall_s=round(time.perf_counter() - t0, 1))
             PRINTERS[case.kind](case.name, res)
         report["cases"][case.name] = entry
-    pub = DATA / "published.yaml"
+    pub = data / "published.yaml"
     if pub.exists() and (not names or "points" in names):
         points = run_points(yaml.safe_load(pub.read_text())["points"], simr)
         report["points"] = points
