@@ -56,9 +56,6 @@ class EngineConf:
     # one_call: the prefill and decode attention of a mixed batch run as one kernel call (vLLM
     # v1); split: two calls.
     mixed_attention: str = "one_call"
-    # Collective that assembles vocabulary-sharded logits at tp > 1: all_gather (v1: every rank
-    # samples) or gather (v0: rank 0 samples).
-    logits_collective: str = "all_gather"
     sources: dict[str, str] = field(default_factory=dict)   # field -> where its value comes from
 
 
