@@ -113,11 +113,13 @@ class BatchCost:
                 t -= self.attn_call_floor_us
         return t
 
-    def _forward_us(self, padded: int, num_sampled: int) -> float:
-        """The per-forward ops at pp = 1: embedding and its all-reduce, final norm, LM head."""
+    def _ends_us(self, padded: int, num_tokens: int, seqs: int, num_sampled: int, ar_us: float) -> tuple[float, float]:
+        """What the first and the last pipeline stage add to their layers: the embedding, its
+        all-reduce and the engine's CPU time; the final norm, LM head, logits gather and sampler."""
         op = self.op
-        return (op.embed_us(padded) + self.ar_forward * self.allreduce_us(padded)
-                + op.final_norm_us(padded) + op.lm_head_us(num_sampled))
+        first = (op.embed_us(padded) + self.ar_forward * ar_us + self.cpu_iter_us + self.cpu_seq_us * seqs
+                 + self.cpu_tok_us * num_tokens)
+        return first, op.final_norm_us(padded) + op.lm_head_us(num_sampled)
 
     # --- whole batches --------------------------------------------------------------------
     def decode_us(self, num_decodes: int, kv_sum: int) -> float:
@@ -132,9 +134,8 @@ class BatchCost:
         if line is None:
             op, L = self.op, self.layers[0]
             p = self.padded(n, True)
-            const = (L * (op.layer_token_ops_us(p) + self.ar_layer * self.allreduce_us(p))
-                     + self._forward_us(p, n)
-                     + self.cpu_iter_us + (self.cpu_seq_us + self.cpu_tok_us) * n)
+            ar = self.allreduce_us(p)
+            const = L * (op.layer_token_ops_us(p) + self.ar_layer * ar) + sum(self._ends_us(p, n, n, n, ar))
             a0, a1 = op.decode_attention_us(n, k0), op.decode_attention_us(n, k1)
             slope = (a1 - a0) / (k1 - k0)
             line = self._lines[key] = (const + L * (a0 - slope * k0), L * slope)
@@ -148,17 +149,10 @@ class BatchCost:
         ar = self.allreduce_us(p)
         per_layer = op.layer_token_ops_us(p) + self.ar_layer * ar + self.attention_us(prefills, num_decodes,
                                                                                       decode_kv_sum)
-        seqs = len(prefills) + num_decodes
-        last = self.pp - 1
-        out = []
-        for s, layers in enumerate(self.layers):
-            t = layers * per_layer
-            if s == last:
-                t += op.final_norm_us(p) + op.lm_head_us(num_sampled)
-            else:
-                t += op.send_recv_us(num_tokens)
-            if s == 0:
-                t += (op.embed_us(p) + self.ar_forward * ar + self.cpu_iter_us + self.cpu_seq_us * seqs
-                      + self.cpu_tok_us * num_tokens)
-            out.append(t)
+        first, last = self._ends_us(p, num_tokens, len(prefills) + num_decodes, num_sampled, ar)
+        out = [layers * per_layer for layers in self.layers]
+        out[0] += first
+        out[-1] += last
+        for s in range(self.pp - 1):
+            out[s] += op.send_recv_us(num_tokens)
         return out
