@@ -84,13 +84,13 @@ def engine_layer_elementwise(model: ModelConf, tp: int) -> list[Elementwise]:
     residual add fused into ``fused_add_rmsnorm`` (vLLM's fused_add_rms_norm kernel, width =
     hidden), plus the KV-cache write of the layer's new tokens (reshape_and_cache_flash: K and V
     of the GPU's KV heads). LayerNorm models keep a separate norm and add (vLLM fuses only RMSNorm)."""
-    nq, nkv = heads_per_gpu(model, tp)
+    _, nkv = heads_per_gpu(model, tp)
     ops = layer_elementwise(model, tp)
     if model.norm == "rmsnorm":
         norms = sum(e.per_layer for e in ops if e.op == "rmsnorm")
         ops = [e for e in ops if e.op not in ("rmsnorm", "add")]
         ops.insert(0, Elementwise("fused_add_rmsnorm", model.hidden_size, per_layer=norms))
-    return ops + [Elementwise("kv_cache_write", 2 * nkv * model.head_dim, nq, nkv, model.head_dim)]
+    return ops + [Elementwise("kv_cache_write", 2 * nkv * model.head_dim, 0, nkv, model.head_dim)]
 
 
 def allreduces_per_layer(model: ModelConf, tp: int) -> int:
