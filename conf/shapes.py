@@ -28,7 +28,8 @@ class Gemm:
 
 @dataclass(frozen=True)
 class Elementwise:
-    op: str          # rmsnorm | layernorm | silu_mul | gelu | rope | add | embedding
+    op: str          # rmsnorm | layernorm | silu_mul | gelu | rope | add | embedding |
+                     # fused_add_rmsnorm | kv_cache_write | sampler (COORDINATION.md names)
     width: int       # elements per token that the op reads (per GPU)
     num_heads: int = 0
     num_kv_heads: int = 0
@@ -306,11 +307,32 @@ def layer_elementwise(model: ModelConf, tp: int) -> list[Elementwise]:
     return ops
 
 
+def engine_layer_elementwise(model: ModelConf, tp: int) -> list[Elementwise]:
+    """The elementwise ops vLLM runs per layer: ``layer_elementwise`` with RMSNorm models' norm +
+    residual add fused into ``fused_add_rmsnorm`` (vLLM's fused_add_rms_norm kernel, width =
+    hidden), plus the KV-cache write of the layer's new tokens (reshape_and_cache_flash: K and V
+    of the GPU's KV heads). LayerNorm models keep a separate norm and add (vLLM fuses only RMSNorm)."""
+    _, nkv = heads_per_gpu(model, tp)
+    ops = layer_elementwise(model, tp)
+    if model.norm == "rmsnorm":
+        norms = sum(e.per_layer for e in ops if e.op == "rmsnorm")
+        ops = [e for e in ops if e.op not in ("rmsnorm", "add")]
+        ops.insert(0, Elementwise("fused_add_rmsnorm", model.hidden_size, per_layer=norms))
+    return ops + [Elementwise("kv_cache_write", 2 * nkv * model.head_dim, 0, nkv, model.head_dim)]
+
+
 def allreduces_per_layer(model: ModelConf, tp: int) -> int:
-    """Megatron TP: one after attention and one after the MLP (one in a parallel block)."""
-    if tp == 1:
-        return 0
-    return 1 if model.parallel_block else 2
+    """All-reduces vLLM issues per layer at tp > 1: one after the attention output projection
+    and one after the MLP down projection (RowParallelLinear with reduce_results). vLLM keeps
+    both in parallel-block models too (phi-2: the dense and fc2 projections each reduce) and in
+    MoE layers (the fused MoE output is reduced once, like the dense MLP)."""
+    return 0 if tp == 1 else 2
+
+
+def allreduces_per_forward(model: ModelConf, tp: int) -> int:
+    """All-reduces outside the layers at tp > 1: the vocabulary-parallel embedding sums its
+    shards' lookups once per forward (VocabParallelEmbedding)."""
+    return 0 if tp == 1 else 1
 
 
 def activation_bytes_per_token(model: ModelConf) -> int:

@@ -25,6 +25,7 @@ from conf.schema import DTYPE_BYTES, HwConf, ModelConf
 from estimator import roofline
 
 PredictFn = Callable[[str, pd.DataFrame], np.ndarray]
+KnowsFn = Callable[[str, str], bool]   # (family, op name) -> the predictor has rows for it
 
 # Attention grid: values at 2**(i / STEPS) per axis, interpolated linearly in log-log space.
 # Octaves: the profiles measure batches, query and KV lengths at powers of two, and trees are
@@ -34,7 +35,7 @@ GRID_STEPS = 1
 DECODE_MAX_BATCH_LOG2, PREFILL_MAX_BATCH_LOG2 = 12, 8
 MAX_Q_LOG2, MAX_KV_LOG2 = 15, 17
 PREFILL_BATCH_STEPS = 1
-GRID_VERSION = 8  # bump when the tabulation changes, so old disk caches are not reused
+GRID_VERSION = 9  # bump when the tabulation changes, so old disk caches are not reused
 
 # Bytes per weight of the table's weight precisions (fp8_block: 128x128-block-scaled fp8).
 WEIGHT_BYTES = {**DTYPE_BYTES, "fp8_block": 1}
@@ -105,13 +106,17 @@ class OpTimes:
 
     def __init__(self, hw: HwConf, model: ModelConf, tp: int, predict: PredictFn | None = None,
                  max_tokens: int = 16384, source: str | None = None, cache_path: str | Path | None = None,
-                 layout: shapes.Layout | None = None):
+                 knows: KnowsFn | None = None, layout: shapes.Layout | None = None):
         self.hw, self.model, self.tp = hw, model, tp
         self.layout = layout or shapes.layout(model, tp)
         if self.layout.tp != tp:
             raise ValueError(f"layout {self.layout} is not at tp={tp}")
         self.predict = predict or roofline_predict(hw)
         self.source = source or ("roofline" if predict is None else "estimator")
+        # Ops the predictor has no rows for are priced by the roofline prior (elementwise) or by
+        # the nearest measured op (custom all-reduce -> NCCL); None: it knows every op.
+        self.knows = knows or (lambda family, op: True)
+        self.roofline = roofline_predict(hw)
         self.max_tokens = max_tokens
         self.dtype = model.dtype
         self.nq, self.nkv = shapes.heads_per_gpu(model, tp)
@@ -124,8 +129,9 @@ class OpTimes:
                 except OSError as exc:  # a read-only data dir: work uncached
                     from estimator.model import warn_once
                     warn_once(("cache", str(cache_path)), f"cannot cache operator tables at {cache_path}: {exc}")
-        self._token_ops, self._allreduce = tables["token_ops"], tables["allreduce"]
-        self._send_recv, self._lm_head = tables["send_recv"], tables["lm_head"]
+        self._token_ops, self._send_recv = tables["token_ops"], tables["send_recv"]
+        self._allreduce, self._custom_allreduce = tables["allreduce"], tables["custom_allreduce"]
+        self._embed, self._final_norm, self._lm_head = tables["embed"], tables["final_norm"], tables["lm_head"]
         self._send_recv_net = tables["send_recv_network"]
         self._dense_mlp, self._moe_mlp = tables["dense_mlp"], tables["moe_mlp"]
         # Scalar lookups on Python lists are several times faster than on numpy arrays.
@@ -141,17 +147,16 @@ class OpTimes:
         everyone = np.arange(1, n + 1)
         def table(values):  # index = tokens; more tokens never cost less
             return np.concatenate([[0.0], np.maximum.accumulate(np.interp(everyone, tokens, values))])
-        sparse = shapes.is_moe(self.model)
-        zeros = np.zeros(len(tokens))
+        hidden = self.model.hidden_size
         return dict(token_ops=table(self._tabulate_token_ops(tokens)),
                     allreduce=table(self._tabulate_collective(tokens, "all_reduce", self.tp)),
+                    custom_allreduce=table(self._tabulate_collective(tokens, "custom_all_reduce", self.tp)),
                     send_recv=table(self._tabulate_collective(tokens, "send_recv", 2)),
-                    send_recv_network=table(self._tabulate_send_recv_network(tokens)),
-                    dense_mlp=table(self._tabulate_dense_mlp(tokens)
-                                    if sparse and not all(shapes.moe_layer_flags(self.model)) else zeros),
-                    moe_mlp=table(self._tabulate_moe_mlp(tokens) if sparse else zeros),
+                    embed=table(self._elementwise(shapes.Elementwise("embedding", hidden), tokens)),
+                    final_norm=table(self._elementwise(shapes.Elementwise(self.model.norm, hidden), tokens)),
                     lm_head=table(self._tabulate_lm_head(tokens)),
-                    decode_log_us=self._tabulate_decode(), prefill_log_us=self._tabulate_prefill())
+                    decode_log_us=self._tabulate_decode(), prefill_log_us=self._tabulate_prefill(),
+                    **self._tabulate_sparse(tokens, table))
 
     def _frame(self, **cols) -> pd.DataFrame:
         n = max(len(v) for v in cols.values() if np.ndim(v))
@@ -160,18 +165,19 @@ class OpTimes:
 
     def _tabulate_token_ops(self, tokens: np.ndarray) -> np.ndarray:
         """Every token op of a layer. An MoE model's MLP blocks are tabulated apart (dense_mlp,
-        moe_mlp: the layer mix differs per stage); MLA's projections and RoPE are inside the
-        ``mla`` module priced with attention."""
+        moe_mlp: the layer mix differs per stage); MLA's projections, RoPE and KV-cache write
+        are inside the ``mla`` module priced with attention."""
         m = self.model
         gemms = shapes.layer_gemms(m, self.tp)
-        ops = shapes.layer_elementwise(m, self.tp)
+        ops = shapes.engine_layer_elementwise(m, self.tp)
         if shapes.is_moe(m):
             gemms = [g for g in gemms if g.op not in MLP_GEMMS]
             ops = [e for e in ops if e.op not in MLP_ACTIVATIONS]
         if shapes.is_mla(m):
             gemms = [g for g in gemms if g.op in MLP_GEMMS]
-            ops = [e for e in ops if e.op != "rope"]
-        return self._gemms_us(tokens, gemms) + self._elementwise_us(tokens, ops)
+            ops = [e for e in ops if e.op not in ("rope", "kv_cache_write")]
+        return self._gemms_us(tokens, gemms) + sum((e.per_layer * self._elementwise(e, tokens) for e in ops),
+                                                   np.zeros(len(tokens)))
 
     def _gemms_us(self, tokens: np.ndarray, gemms: list) -> np.ndarray:
         if not gemms:
@@ -179,33 +185,31 @@ class OpTimes:
         frame = pd.concat([self._frame(op=[g.op] * len(tokens), m=tokens, n=g.n, k=g.k) for g in gemms])
         return self.predict("gemm", frame).reshape(len(gemms), len(tokens)).sum(axis=0)
 
-    def _elementwise_us(self, tokens: np.ndarray, ops: list) -> np.ndarray:
-        if not ops:
-            return np.zeros(len(tokens))
-        frame = pd.concat([self._frame(op=[e.op] * len(tokens), num_tokens=tokens, width=e.width,
-                                       num_heads=e.num_heads, num_kv_heads=e.num_kv_heads, head_dim=e.head_dim)
-                           for e in ops])
-        per_op = self.predict("elementwise", frame).reshape(len(ops), len(tokens))
-        return (np.array([e.per_layer for e in ops])[:, None] * per_op).sum(axis=0)
+    # --- MoE / MLA / expert parallelism / nodes (models helper) ------------------------------
+    def _tabulate_sparse(self, tokens: np.ndarray, table) -> dict[str, np.ndarray]:
+        """An MoE model's MLP blocks, and pipeline hand-offs between nodes."""
+        zeros = table(np.zeros(len(tokens)))
+        sparse = shapes.is_moe(self.model)
+        has_dense = sparse and not all(shapes.moe_layer_flags(self.model))
+        return dict(dense_mlp=table(self._tabulate_dense_mlp(tokens)) if has_dense else zeros,
+                    moe_mlp=table(self._tabulate_moe_mlp(tokens)) if sparse else zeros,
+                    send_recv_network=table(self._tabulate_send_recv_network(tokens)))
 
-    # --- MoE / MLA / expert parallelism (models helper) ----------------------------------------
     def _activation_op(self, width: int) -> shapes.Elementwise:
         m = self.model
         return shapes.Elementwise("silu_mul" if m.gated_mlp else m.activation, width)
 
     def _tabulate_dense_mlp(self, tokens: np.ndarray) -> np.ndarray:
-        """A dense layer's MLP in an MoE model (ffn_size, split over the attention tp) and the
-        all-reduce that sums it."""
+        """A dense layer's MLP in an MoE model (ffn_size, split over the attention tp); its
+        all-reduce is the caller's (sim/costs.py prices the engine's all-reduce)."""
         m, tp = self.model, self.tp
-        t = self._gemms_us(tokens, shapes.mlp_gemms(m, tp)) + \
-            self._elementwise_us(tokens, [self._activation_op(m.ffn_size // tp)])
-        if tp > 1:
-            t += self._collectives_us([shapes.Collective("all_reduce", tokens * shapes.activation_bytes_per_token(m), tp)])
-        return t
+        return self._gemms_us(tokens, shapes.mlp_gemms(m, tp)) + \
+            self._elementwise(self._activation_op(m.ffn_size // tp), tokens)
 
     def _tabulate_moe_mlp(self, tokens: np.ndarray) -> np.ndarray:
         """One MoE block for ``tokens`` tokens on each attention rank: router, shared experts,
-        the fused routed experts and the dispatch/combine communication.
+        the fused routed experts and the dispatch/combine communication (its TP all-reduce, if
+        any, is the caller's, as after a dense MLP).
 
         The fused-experts kernel is asked as aiconfigurator measures it: ``num_tokens`` = the
         tokens a GPU sees (every DP rank's under DP attention: ranks are assumed equally loaded,
@@ -215,29 +219,19 @@ class OpTimes:
         m, lay = self.model, self.layout
         t = self._gemms_us(tokens, shapes.moe_block_gemms(m, self.tp))
         if m.num_shared_experts:
-            t += self._elementwise_us(tokens, [self._activation_op(shapes.shared_expert_ffn(m) // self.tp)])
+            t += self._elementwise(self._activation_op(shapes.shared_expert_ffn(m) // self.tp), tokens)
         seen = tokens * lay.dp * (lay.imbalance if lay.ep > 1 else 1.0)
         frame = self._frame(op="moe_balanced", num_tokens=seen, hidden_size=m.hidden_size,
                             ffn_size=shapes.expert_ffn(m), num_experts=m.num_experts,
                             top_k=m.experts_per_token, ep=lay.ep, tp=lay.moe_tp)
         frame["dtype"] = shapes.weight_dtype(m)
         t += self.predict("moe", frame)
-        return t + self._collectives_us(shapes.moe_block_collectives(m, lay, tokens))
+        calls = [c for c in shapes.moe_block_collectives(m, lay, tokens) if c.op != "all_reduce"]
+        return t + self._collectives_us(calls)
 
     def _collectives_us(self, calls: list) -> np.ndarray:
-        """Sum of collectives (sizes: one per tabulated token count); a communicator wider than
-        a node is priced on the network (no measured tables span nodes)."""
-        total = 0.0
-        for c in calls:
-            size = np.asarray(c.size_bytes, float)
-            if c.world_size > max(1, self.hw.devices_per_node) and self._network_known():
-                total += network_collective_us(self.hw, c.op, size, c.world_size)
-                continue
-            df = pd.DataFrame(dict(hw=self.hw.name, op=c.op, dtype=self.dtype, network=self.hw.network,
-                                   size_bytes=size, world_size=c.world_size,
-                                   devices_per_node=self.hw.devices_per_node))
-            total += self.predict("collective", df)
-        return total
+        """Sum of collectives (sizes: one per tabulated token count)."""
+        return sum((self._collective(c.op, np.asarray(c.size_bytes, float), c.world_size) for c in calls), 0.0)
 
     def _tabulate_send_recv_network(self, tokens: np.ndarray) -> np.ndarray:
         """A pipeline hand-off between nodes (InfiniBand/RoCE, the card's network fields)."""
@@ -248,16 +242,9 @@ class OpTimes:
         size = tokens * shapes.activation_bytes_per_token(self.model)
         return network_collective_us(self.hw, "send_recv", size, 2)
 
-    def _across_nodes(self, op: str, size: np.ndarray, world: int, within: np.ndarray) -> np.ndarray:
-        """A collective whose group spans nodes (TP beyond a node) runs on the network; the
-        measured tables stop at one node."""
-        if world > max(1, self.hw.devices_per_node) and self._network_known():
-            return network_collective_us(self.hw, op, size, world)
-        return within
-
     def _network_known(self) -> bool:
         """Whether the card gives its inter-node network; without it, traffic between nodes is
-        priced as within a node (today's tables), with a warning."""
+        priced as within a node (the measured tables), with a warning."""
         if self.hw.network_bw_gbps > 0:
             return True
         from estimator.model import warn_once
@@ -266,25 +253,41 @@ class OpTimes:
                   f"nodes of {self.hw.devices_per_node}, and its traffic between nodes is priced as within a node")
         return False
 
-    def _tabulate_collective(self, tokens: np.ndarray, op: str, world: int) -> np.ndarray:
+    def _elementwise(self, e: shapes.Elementwise, tokens: np.ndarray) -> np.ndarray:
+        """µs of elementwise op ``e`` at each token count; the roofline prior where the predictor
+        has no rows for the op (vLLM's fused and cache ops until they are profiled)."""
+        frame = self._frame(op=[e.op] * len(tokens), num_tokens=tokens, width=e.width,
+                            num_heads=e.num_heads, num_kv_heads=e.num_kv_heads, head_dim=e.head_dim)
+        return (self.predict if self.knows("elementwise", e.op) else self.roofline)("elementwise", frame)
+
+    def _collective(self, op: str, size_bytes: np.ndarray, world: int) -> np.ndarray:
+        """µs of one collective per message size. vLLM's custom all-reduce is priced from its own
+        CUDA-graph rows where the predictor has them, else from the NCCL all-reduce rows (what
+        opcast priced before those rows existed); other unmeasured ops use the roofline prior."""
         if world <= 1:
-            return np.zeros(len(tokens))
-        size = tokens * shapes.activation_bytes_per_token(self.model)
+            return np.zeros(len(size_bytes))
+        if world > max(1, self.hw.devices_per_node) and self._network_known():   # spans nodes (models helper)
+            return network_collective_us(self.hw, op.replace("custom_", ""), size_bytes, world)
+        if op == "custom_all_reduce" and not self.knows("collective", op):
+            op = "all_reduce"
         df = pd.DataFrame(dict(hw=self.hw.name, op=op, dtype=self.dtype, network=self.hw.network,
-                               size_bytes=size, world_size=world,
+                               size_bytes=size_bytes, world_size=world, cuda_graph=True,
                                devices_per_node=self.hw.devices_per_node))
-        per_call = self.predict("collective", df)
-        per_call = self._across_nodes(op, size, world, per_call)
-        if op == "all_reduce":
-            count = shapes.allreduces_per_layer(self.model, self.tp)
-            if shapes.is_moe(self.model) and count:   # the MLP's is in dense_mlp / moe_mlp
-                count -= 1
-            return per_call * count
-        return per_call
+        return (self.predict if self.knows("collective", op) else self.roofline)("collective", df)
+
+    def _tabulate_collective(self, tokens: np.ndarray, op: str, world: int) -> np.ndarray:
+        """One collective of ``tokens`` hidden states (all-reduce, or a pipeline hand-off)."""
+        return self._collective(op, tokens * shapes.activation_bytes_per_token(self.model), world)
 
     def _tabulate_lm_head(self, tokens: np.ndarray) -> np.ndarray:
+        """LM head GEMM over the sampled sequences, the all-gather of the vocabulary-sharded logits
+        at tp > 1 (vLLM v1's LogitsProcessor; v0 gathers to one rank, the same bytes), and the
+        sampler over the full vocabulary."""
         g = shapes.lm_head_gemm(self.model, self.tp)
-        return self.predict("gemm", self._frame(op=["lm_head"] * len(tokens), m=tokens, n=g.n, k=g.k))
+        t = self.predict("gemm", self._frame(op=["lm_head"] * len(tokens), m=tokens, n=g.n, k=g.k))
+        logits_bytes = tokens * self.model.vocab_size * DTYPE_BYTES[self.dtype]
+        t = t + self._collective("all_gather", logits_bytes, self.tp)
+        return t + self._elementwise(shapes.Elementwise("sampler", self.model.vocab_size), tokens)
 
     def _attn_grid(self, phase: str, batch: np.ndarray, q: np.ndarray, kv_per_q: np.ndarray) -> np.ndarray:
         """log µs over batch x mean q x (q-weighted mean kv / mean q), for uniform batches.
@@ -331,12 +334,14 @@ class OpTimes:
 
     # --- the simulator's questions ------------------------------------------------------
     def layer_token_ops_us(self, num_tokens: int) -> float:
-        """GEMMs, norms, activation, RoPE and residual adds of one layer over num_tokens tokens."""
+        """GEMMs and the elementwise ops vLLM runs in one layer (fused residual-add + norms,
+        activation, RoPE, KV-cache write) over num_tokens tokens."""
         return self._scaled(self._token_ops, num_tokens)
 
-    def layer_allreduce_us(self, num_tokens: int) -> float:
-        """All TP all-reduces of one layer (0 at tp=1)."""
-        return self._scaled(self._allreduce, num_tokens)
+    def allreduce_us(self, num_tokens: int, custom: bool = False) -> float:
+        """One TP all-reduce of num_tokens hidden states (0 at tp=1): NCCL, or the engine's
+        custom all-reduce (the caller decides which by message size)."""
+        return self._scaled(self._custom_allreduce if custom else self._allreduce, num_tokens)
 
     def send_recv_us(self, num_tokens: int) -> float:
         """One pipeline-stage hand-off of num_tokens hidden states."""
@@ -347,18 +352,30 @@ class OpTimes:
         return self._scaled(self._send_recv_net, num_tokens)
 
     def dense_mlp_us(self, num_tokens: int) -> float:
-        """The MLP (with its all-reduce) of one dense layer of an MoE model (0 for dense models,
-        whose MLP is in layer_token_ops_us)."""
+        """The MLP of one dense layer of an MoE model, without its all-reduce (0 for dense
+        models, whose MLP is in layer_token_ops_us)."""
         return self._scaled(self._dense_mlp, num_tokens)
 
     def moe_mlp_us(self, num_tokens: int) -> float:
-        """One MoE block (router, shared and routed experts, dispatch/combine or all-reduce) when
-        num_tokens tokens sit on each attention rank."""
+        """One MoE block (router, shared and routed experts, dispatch/combine; not a TP
+        all-reduce) when num_tokens tokens sit on each attention rank."""
         return self._scaled(self._moe_mlp, num_tokens)
 
+    def embed_us(self, num_tokens: int) -> float:
+        """Token embedding lookup of one forward (its all-reduce at tp > 1 is the caller's)."""
+        return self._scaled(self._embed, num_tokens)
+
+    def final_norm_us(self, num_tokens: int) -> float:
+        """The norm after the last layer, over every token of the forward."""
+        return self._scaled(self._final_norm, num_tokens)
+
     def lm_head_us(self, num_sequences: int) -> float:
-        """LM head over the last token of each sequence that samples this iteration."""
+        """LM head, logits gather (tp > 1) and sampler over the sequences that sample this iteration."""
         return self._scaled(self._lm_head, num_sequences)
+
+    def decode_attention_us(self, batch: float, mean_kv: float) -> float:
+        """One layer's attention of ``batch`` decodes whose KV lengths average ``mean_kv``."""
+        return self._lookup2(batch, mean_kv)
 
     def layer_attention_us(self, prefill_q: Sequence[int], prefill_kv: Sequence[int],
                            decode_kv: Sequence[int]) -> float:
@@ -458,4 +475,4 @@ def load_op_times(hw: HwConf, model: ModelConf, tp: int, quantile: str = "p50",
         source += f" (roofline: {', '.join(preds.fallback)})"
     key = cache_key(preds.fingerprint(), hw, model, tp, quantile, max_tokens, layout)
     return OpTimes(hw, model, tp, predict=preds.predict_fn(quantile), max_tokens=max_tokens, source=source,
-                   cache_path=cache_dir / f"{key}.npz", layout=layout)
+                   cache_path=cache_dir / f"{key}.npz", knows=preds.knows, layout=layout)

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 from conf import ConfigError
 from conf.schema import ModelConf
-from conf.shapes import Elementwise, allowed_tp, check_tp, heads_per_gpu, layer_elementwise, layer_gemms, \
-    lm_head_gemm
+from conf.shapes import Elementwise, allowed_tp, check_tp, engine_layer_elementwise, heads_per_gpu, \
+    layer_elementwise, layer_gemms, lm_head_gemm
 from profiler.config import FAMILIES, GRIDS, PRESETS
 from profiler.tables import FAMILIES as TABLE_COLUMNS
 
@@ -85,10 +85,10 @@ def gemm_points(model: ModelConf, tps: list[int], ax: Axes) -> list[dict]:
 
 
 def vllm_elementwise(model: ModelConf, tp: int) -> list[Elementwise]:
-    """The per-layer elementwise ops vLLM v1 runs that conf.shapes.layer_elementwise does not list."""
-    _, nkv = heads_per_gpu(model, tp)
-    ops = [Elementwise("fused_add_rmsnorm", model.hidden_size)] if model.norm == "rmsnorm" else []
-    return ops + [Elementwise("kv_cache_write", 2 * nkv * model.head_dim, 0, nkv, model.head_dim)]
+    """The per-layer elementwise ops vLLM v1 runs that conf.shapes.layer_elementwise does not list
+    (conf.shapes.engine_layer_elementwise is the list the simulator prices)."""
+    plain = {e.op for e in layer_elementwise(model, tp)}
+    return [e for e in engine_layer_elementwise(model, tp) if e.op not in plain]
 
 
 def sampled_seqs(ax: Axes) -> list[int]:

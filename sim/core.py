@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from omegaconf import DictConfig, OmegaConf
 
 from conf import ConfigError, shapes, to_hw, to_model
-from sim.config import QUANTILES, SchedulerConf, WorkloadConf
+from sim.config import MIXED_ATTENTION, QUANTILES, EngineConf, SchedulerConf, WorkloadConf
 from sim.costs import BatchCost
 from sim.engine import Engine, Replica
 from sim.router import ROUTERS
@@ -47,6 +47,27 @@ def _validate(cfg: DictConfig) -> None:
     if cfg.parallel.replicas < 1:
         raise ConfigError(f"parallel.replicas={cfg.parallel.replicas} must be >= 1")
     workloads.validate(wl)
+
+
+def engine_profile(cfg: DictConfig) -> EngineConf:
+    """The engine profile of cfg (``engine=<name>``), with the former ``sim.cpu_overhead_*``
+    overrides applied on top when given; checked."""
+    eng = EngineConf(**OmegaConf.to_container(cfg.engine, resolve=True))
+    for old, new in (("cpu_overhead_per_iteration_us", "cpu_per_iteration_us"),
+                     ("cpu_overhead_per_sequence_us", "cpu_per_sequence_us"),
+                     ("cpu_overhead_per_token_us", "cpu_per_token_us")):
+        value = cfg.sim.get(old)
+        if value is not None:
+            setattr(eng, new, float(value))
+    for name in ("cpu_per_iteration_us", "cpu_per_sequence_us", "cpu_per_token_us", "frontend_latency_us",
+                 "custom_allreduce_max_bytes"):
+        if getattr(eng, name) < 0:
+            raise ConfigError(f"engine.{name}={getattr(eng, name)} must be >= 0")
+    if any(s < 1 for s in eng.cuda_graph_sizes):
+        raise ConfigError(f"engine.cuda_graph_sizes={list(eng.cuda_graph_sizes)} must hold sizes >= 1")
+    if eng.mixed_attention not in MIXED_ATTENTION:
+        raise ConfigError(f"engine.mixed_attention={eng.mixed_attention!r}; choose one of {list(MIXED_ATTENTION)}")
+    return eng
 
 
 def max_request_tokens(cfg: DictConfig, model) -> int:
@@ -105,6 +126,7 @@ def simulate(cfg: DictConfig, op_times=None, *, outputs: bool | None = None) -> 
     model, tp). Writes files to ``cfg.sim.out_dir`` only when it is set (or outputs=True)."""
     wall0 = time.perf_counter()
     _validate(cfg)
+    engine = engine_profile(cfg)   # checked before the (slow) operator tables are built
     hw, model = to_hw(cfg.hw), to_model(cfg.model)
     tp, pp, n_rep = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.replicas
     lay = shapes.layout_of(model, cfg.parallel)
@@ -132,19 +154,19 @@ def simulate(cfg: DictConfig, op_times=None, *, outputs: bool | None = None) -> 
     writing = bool(cfg.sim.out_dir) if outputs is None else outputs
     trace = [] if writing and cfg.sim.trace else None
     timeline = [] if writing else None
-    metrics = Metrics(cfg.sim.keep_requests)
+    metrics = Metrics(cfg.sim.keep_requests, engine.frontend_latency_us * 1e-6)
     replicas = []
     sched_conf = SchedulerConf(**OmegaConf.to_container(sc, resolve=True))  # plain attrs: fast
     # Each DP-attention rank is its own engine core (scheduler, KV cache), as in vLLM.
     for i in range(n_rep * lay.dp):
-        cost = BatchCost(op_times, model, pp, cfg.sim.cpu_overhead_per_iteration_us,
-                         cfg.sim.cpu_overhead_per_sequence_us, cfg.sim.cpu_overhead_per_token_us)
+        cost = BatchCost(op_times, model, pp, engine=engine, interconnect=hw.interconnect,
+                         graphs=hw.device == "cuda")
         blocks = Blocks(plan.num_blocks, sc.block_size, sc.watermark)
         replicas.append(Replica(i, SCHEDULERS[sc.name](sched_conf), blocks, cost, pp))
-    engine = Engine(replicas, cfg.router.name, int(cfg.seed), metrics, cfg.sim.fast_forward,
-                    trace, cfg.sim.max_trace_events, timeline)
+    loop = Engine(replicas, cfg.router.name, int(cfg.seed), metrics, cfg.sim.fast_forward,
+                  trace, cfg.sim.max_trace_events, timeline)
     t_loop = time.perf_counter()
-    end_s = engine.run(stream)
+    end_s = loop.run(stream)
     loop_s = time.perf_counter() - t_loop
     if metrics.num_requests != cfg.workload.num_requests:
         raise RuntimeError(f"simulation ended with {metrics.num_requests} of "

@@ -141,9 +141,10 @@ def test_moe_block_replaces_the_dense_mlp():
     assert "silu_mul" not in set(rec.of("elementwise").op)
     moe = rec.of("moe")
     assert set(moe.ep) == {2} and set(moe.tp) == {1} and np.allclose(moe.num_tokens, np.arange(1, 33))
-    # one TP all-reduce per layer for attention; the MoE block's own all-reduce is in moe_mlp
+    # tp2 ep2 without DP attention: the MoE block's communication is the MLP all-reduce the
+    # engine's all-reduce prices (sim/costs.py), nothing more
+    assert not {"reduce_scatter", "all_to_all"} & set(rec.of("collective").op)
     one = rt.OpTimes(H100, card("llama3-8b"), 2, max_tokens=32)
-    assert ops.layer_allreduce_us(16) == pytest.approx(one.layer_allreduce_us(16) / 2)
     assert ops.dense_mlp_us(16) == 0.0 and one.moe_mlp_us(16) == 0.0      # Mixtral has no dense layer
     ds = rt.OpTimes(H100, DS, 8, max_tokens=32, layout=shapes.layout(DS, tp=8))
     assert ds.dense_mlp_us(16) > 0                                         # DeepSeek's first 3
@@ -157,13 +158,19 @@ def test_stage_layer_mix():
 
 def test_batch_cost_prices_each_stages_mix():
     ops = rt.OpTimes(H100, DS, 4, max_tokens=64, layout=shapes.layout(DS, tp=4, pp=2))
-    cost = BatchCost(ops, DS, 2, 0.0, 0.0)
+    cost = BatchCost(ops, DS, 2, 0.0, 0.0)                 # eager, NCCL all-reduces, no CPU terms
     t = cost.stage_us(10, [(10, 10)], 0, 0, 1)
-    attn = ops.layer_attention_us([10], [10], ())
-    common = ops.layer_token_ops_us(10) + ops.layer_allreduce_us(10) + attn
+    ar = ops.allreduce_us(10)
+    common = ops.layer_token_ops_us(10) + 2 * ar + ops.layer_attention_us([10], [10], ())
     assert t[0] == pytest.approx(31 * common + 3 * ops.dense_mlp_us(10) + 28 * ops.moe_mlp_us(10)
-                                 + ops.send_recv_us(10))
-    assert t[1] == pytest.approx(30 * common + 30 * ops.moe_mlp_us(10) + ops.lm_head_us(1))
+                                 + ops.embed_us(10) + ar + ops.send_recv_us(10))
+    assert t[1] == pytest.approx(30 * common + 30 * ops.moe_mlp_us(10) + ops.final_norm_us(10) + ops.lm_head_us(1))
+    # DP attention with DeepEP all-to-all at tp2: the MoE layers give back the MLP all-reduce
+    lay = shapes.layout(DS, tp=2, ep=8, dp_attention=True, all2all="deepep")
+    a2a = BatchCost(rt.OpTimes(H100, DS, 2, max_tokens=64, layout=lay), DS, 1, 0.0, 0.0)
+    assert a2a._moe_ar_delta == -1
+    lay = shapes.layout(DS, tp=2, ep=8, dp_attention=True)
+    assert BatchCost(rt.OpTimes(H100, DS, 2, max_tokens=64, layout=lay), DS, 1, 0.0, 0.0)._moe_ar_delta == 0
 
 
 # --- MFU counts top-k experts ------------------------------------------------------------------
@@ -215,7 +222,8 @@ def test_tp_across_nodes_warns_and_all_reduces_on_the_network(caplog):
     m = card("llama3-70b")                    # 64 heads: tp16 allowed
     ops = rt.OpTimes(NET, m, 16, max_tokens=8)
     ring = 8 * 16384 * 2 * 15 / 16 / 50e3 + 2 * 15 * 10.0     # 8 tokens, ring over 16 GPUs, 30 hops
-    assert ops.layer_allreduce_us(8) == pytest.approx(2 * ring)
+    assert ops.allreduce_us(8) == pytest.approx(ring)
+    assert ops.allreduce_us(8, custom=True) == pytest.approx(ring)   # no custom all-reduce across nodes
 
 
 # --- whole simulations ------------------------------------------------------------------------------
