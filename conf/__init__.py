@@ -58,7 +58,14 @@ def to_model(node) -> ModelConf:
     data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
     if data.get("hf_config"):
         from conf.hf import model_from_hf_config
-        return model_from_hf_config(data["hf_config"])
+        model = model_from_hf_config(data["hf_config"])
+        # Storage precision is a serving choice (--quantization fp8, --kv-cache-dtype fp8):
+        # an explicit model.weight_dtype / model.kv_dtype applies on top of the checkpoint's.
+        stored = {k: data[k] for k in ("weight_dtype", "kv_dtype") if data.get(k)}
+        if stored:
+            model = dataclasses.replace(model, **stored)
+            validate_model(model)
+        return model
     model = ModelConf(**{k: v for k, v in data.items() if k in _fields(ModelConf)})
     validate_model(model)
     return model
@@ -74,6 +81,8 @@ def validate_model(model: ModelConf) -> None:
         raise ConfigError(f"model {model.name}: norm {model.norm!r} must be rmsnorm or layernorm")
     if model.activation not in ("silu", "gelu"):
         raise ConfigError(f"model {model.name}: activation {model.activation!r} must be silu or gelu")
+    from conf.schema import check_model
+    check_model(model)                # MoE / MLA / storage dtypes
 
 
 def explain_hydra_error(exc: Exception) -> str:

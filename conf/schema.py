@@ -88,6 +88,46 @@ class ParallelConf:
     replicas: int = 1
     ep: int = 1                       # expert parallelism over the MoE layers (MoE models)
     dp_attention: bool = False        # attention data-parallel over the ep group (vLLM/SGLang DP attention)
+    # MoE dispatch/combine under dp_attention: allgather_reducescatter (vLLM's default
+    # --all2all-backend) | deepep (all-to-all of top-k token copies: vLLM deepep_*/pplx, SGLang
+    # --moe-a2a-backend deepep). Meaning of every field: conf/shapes.py Layout.
+    all2all_backend: str = "allgather_reducescatter"
+    expert_imbalance: float = 1.0     # busiest EP rank's routed tokens / mean (1 = balanced)
+
+
+def check_model(model: ModelConf) -> None:
+    """The MoE, MLA and storage-dtype fields of a model card make sense together (one line each)."""
+    from conf import ConfigError
+
+    def bad(msg: str) -> None:
+        raise ConfigError(f"model {model.name}: {msg}")
+
+    for field in ("weight_dtype", "kv_dtype"):
+        value = getattr(model, field)
+        if value and value not in DTYPE_BYTES:
+            bad(f"{field}={value!r} is not one of {sorted(DTYPE_BYTES)} ('' = dtype {model.dtype})")
+    for field in ("num_experts", "experts_per_token", "num_shared_experts", "moe_ffn_size",
+                  "first_dense_layers", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim",
+                  "qk_nope_head_dim", "v_head_dim"):
+        if getattr(model, field) < 0:
+            bad(f"{field}={getattr(model, field)} must be >= 0")
+    if model.num_experts:
+        if not 1 <= model.experts_per_token <= model.num_experts:
+            bad(f"experts_per_token={model.experts_per_token} must be between 1 and num_experts="
+                f"{model.num_experts}")
+        if not 0 <= model.first_dense_layers < model.num_layers:
+            bad(f"first_dense_layers={model.first_dense_layers} must leave at least one of its "
+                f"{model.num_layers} layers for experts")
+        if model.moe_layer_step < 1:
+            bad(f"moe_layer_step={model.moe_layer_step} must be >= 1 (1 = every layer after the dense ones)")
+    elif model.experts_per_token or model.num_shared_experts or model.moe_ffn_size or model.first_dense_layers:
+        bad("experts_per_token/num_shared_experts/moe_ffn_size/first_dense_layers need num_experts > 0")
+    if model.kv_lora_rank:
+        missing = [f for f in ("qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim") if not getattr(model, f)]
+        if missing:
+            bad(f"MLA (kv_lora_rank={model.kv_lora_rank}) needs {', '.join(missing)} > 0")
+    elif model.q_lora_rank:
+        bad("q_lora_rank is an MLA field: set kv_lora_rank (and the MLA head dims) too")
 
 
 def register() -> None:

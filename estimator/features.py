@@ -153,7 +153,7 @@ def _mla(df, hw):
     feats = dict(batch_size=bs, num_q_tokens=q, num_kv_tokens=kv, max_q_len=_f(df, "max_q_len"),
                  max_kv_len=_f(df, "max_kv_len"), log_pairs=_log2(pairs), mean_kv_len=kv / np.maximum(bs, 1),
                  kv_bytes=kvb, weight_bytes=wb, **dims)
-    prior = roofline.mla_us(df["phase"].astype(str).to_numpy(), q, kv, pairs, *dims.values(), hw, wb, kvb)
+    prior = roofline.mla_us(df["phase"].astype(str).to_numpy() == "prefill", q, kv, pairs, *dims.values(), hw, wb, kvb)
     return feats, prior
 
 

@@ -125,5 +125,13 @@ class Predictors:
             return self.frame(family, df)[f"pred_time_us_{quantile}"].to_numpy(float)
         return roofline.predict_fn(self.hw)(family, df)
 
+    def knows(self, family: str, op: str) -> bool:
+        """Whether ``family``'s model was trained on rows of operator ``op`` (families whose model
+        has no op vocabulary, or that use the roofline prior, answer True)."""
+        if family not in self.trained:
+            return True
+        ops = self.model(family).meta.get("vocab", {}).get("op")
+        return ops is None or op in ops
+
     def predict_fn(self, quantile: str = "p50"):
         return lambda family, df: self.predict(family, df, quantile)

@@ -15,6 +15,9 @@ from conf.schema import DTYPE_BYTES, HwConf
 # Operand width of each dtype name a table may hold (fp8_block: fp8 with per-block scales).
 WIDTH_BYTES = {**DTYPE_BYTES, "fp8_block": 1}
 
+# The smallest time any launched kernel takes (network-priced collectives' floor, runtime.py).
+MIN_KERNEL_US = 1.0
+
 # Fixed cost of one launched kernel, added to the roofline time: the smallest CUDA-graph replayed
 # kernels in the aiconfigurator tables take ~5-10 us, and an additive floor (rather than a max)
 # makes the learned ratio vary less with size (H100 GEMM k-fold 3.3% -> 3.0% median, measured).
@@ -116,22 +119,41 @@ def bmm_us(batch, m, n, k, hw: HwConf, dtype_bytes=2):
     return _roof(b * gemm_flops(m, n, k), b * gemm_bytes(m, n, k, dtype_bytes), hw, peak_tflops(hw, dtype_bytes))
 
 
-def mla_us(phase, num_q_tokens, num_kv_tokens, q_kv_product_sum, num_heads, hidden_size, q_lora_rank,
-           kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim, hw: HwConf, weight_bytes=2, kv_bytes=2):
-    """One MLA attention block on one GPU (DeepSeek-V2/V3): q/kv down- and up-projections and
-    o_proj over the new tokens (weights read once), attention over the compressed KV cache
-    (kv_lora_rank + rope values per token); decode runs the absorbed form (scores and values in
-    the kv_lora_rank space), prefill the expanded one (nope + rope, v per head)."""
-    h, hid, ql, kl = (np.asarray(x, float) for x in (num_heads, hidden_size, q_lora_rank, kv_lora_rank))
-    nope, rope, v = (np.asarray(x, float) for x in (qk_nope_head_dim, qk_rope_head_dim, v_head_dim))
-    q_proj = np.where(ql > 0, hid * ql + ql * h * (nope + rope), hid * h * (nope + rope))
-    weights = q_proj + hid * (kl + rope) + kl * h * (nope + v) + h * v * hid
+def mla_us(prefill, num_q_tokens, num_kv_tokens, q_kv_product_sum, num_heads, hidden_size, q_lora_rank,
+           kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim, hw: HwConf, dtype_bytes=2,
+           kv_dtype_bytes=2):
+    """One multi-head latent attention module (DeepSeek-V2/V3 as vLLM runs it; what
+    aiconfigurator's ``mla_context_module``/``mla_generation_module`` time): projections,
+    attention and output projection, each kernel at its own roofline, summed.
+
+    Per query token: q_a + q_b (or q_proj), kv_a (latent + RoPE key), o_proj. Prefill
+    (``prefill`` true) up-projects every KV token's latent with kv_b and runs attention over
+    heads of qk = nope + rope, v = v_head_dim; decode runs it absorbed: the query is mapped
+    into the latent space (nope x kv_lora per head), attention reads the cached latent + RoPE
+    key (one shared KV head of kv_lora + rope) and its output is mapped back (kv_lora x v).
+    ``num_heads`` are those of one GPU."""
     q, kv, pairs = (np.asarray(x, float) for x in (num_q_tokens, num_kv_tokens, q_kv_product_sum))
-    decode = np.asarray(phase, dtype=str) == "decode"
-    per_pair = np.where(decode, 2 * kl + rope, nope + rope + v)
-    flops = 2 * q * weights + 2 * pairs * h * per_pair
-    nbytes = np.asarray(weight_bytes, float) * weights + np.asarray(kv_bytes, float) * kv * (kl + rope) + 4 * q * hid
-    return _roof(flops, nbytes, hw, peak_tflops(hw, weight_bytes))
+    nh, h, qr, kr, dn, dr, dv = (np.asarray(x, float) for x in (num_heads, hidden_size, q_lora_rank,
+                                                                  kv_lora_rank, qk_nope_head_dim,
+                                                                  qk_rope_head_dim, v_head_dim))
+    pre = np.asarray(prefill, bool)
+    qk = dn + dr
+    q_in = np.where(qr > 0, qr, h)
+    t = np.where(qr > 0, gemm_us(q, qr, h, hw, dtype_bytes), 0.0)              # q_a
+    t = t + gemm_us(q, nh * qk, q_in, hw, dtype_bytes)                         # q_b / q_proj
+    t = t + gemm_us(q, kr + dr, h, hw, dtype_bytes)                            # kv_a
+    t = t + gemm_us(q, h, nh * dv, hw, dtype_bytes)                            # o_proj
+    # prefill: kv_b over the KV tokens, attention with expanded heads
+    pre_flops = 2.0 * pairs * nh * (qk + dv)
+    pre_bytes = dtype_bytes * (q * nh * (qk + dv) + kv * nh * (qk + dv)) + kv_dtype_bytes * kv * (kr + dr)
+    pre_t = gemm_us(kv, nh * (dn + dv), kr, hw, dtype_bytes) + _roof(pre_flops, pre_bytes, hw)
+    # decode: absorbed query (nope -> latent) and output (latent -> v) per head, latent attention
+    dec_flops = 2.0 * pairs * nh * ((kr + dr) + kr)
+    dec_bytes = dtype_bytes * q * nh * (2 * (kr + dr)) + kv_dtype_bytes * kv * (kr + dr)
+    uk = _roof(2.0 * q * nh * dn * kr, dtype_bytes * (nh * dn * kr + q * nh * (dn + kr)), hw)
+    uv = _roof(2.0 * q * nh * kr * dv, dtype_bytes * (nh * kr * dv + q * nh * (kr + dv)), hw)
+    dec_t = uk + uv + _roof(dec_flops, dec_bytes, hw)
+    return t + np.where(pre, pre_t, dec_t)
 
 
 def predict_fn(hw: HwConf):
@@ -153,11 +175,11 @@ def predict_fn(hw: HwConf):
                           df.tp.clip(lower=1), df.ep.clip(lower=1), b)
         if family == "bmm":
             return bmm_us(df.batch, df.m, df.n, df.k, hw, b)
-        if family == "mla":
+        if family == "mla":   # dtype = the KV cache's, weight_dtype = the projections' (profiler/tables.py)
             wb = (df["weight_dtype"].astype(str).map(WIDTH_BYTES).fillna(2).to_numpy(float)
                   if "weight_dtype" in df else np.full(len(df), 2.0))
-            return mla_us(df.phase.astype(str).to_numpy(), df.num_q_tokens, df.num_kv_tokens, df.q_kv_product_sum,
-                          df.num_heads, df.hidden_size, df.q_lora_rank, df.kv_lora_rank, df.qk_nope_head_dim,
-                          df.qk_rope_head_dim, df.v_head_dim, hw, wb, b)
+            return mla_us(df.phase.astype(str).to_numpy() == "prefill", df.num_q_tokens, df.num_kv_tokens,
+                          df.q_kv_product_sum, df.num_heads, df.hidden_size, df.q_lora_rank, df.kv_lora_rank,
+                          df.qk_nope_head_dim, df.qk_rope_head_dim, df.v_head_dim, hw, wb, b)
         raise ValueError(f"no roofline for family {family!r}")
     return predict

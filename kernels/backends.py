@@ -10,6 +10,7 @@ from conf import ConfigError
 # backend name -> (module to import, what to install)
 MODULES = {
     "torch": ("torch", "pip install torch"),
+    "compile": ("torch", "pip install torch (torch.compile needs a C/C++ compiler on CPU, triton on GPU)"),
     "sdpa": ("torch", "pip install torch"),
     "flash_attn": ("flash_attn", "pip install flash-attn (CUDA; needs a wheel matching your torch)"),
     "vllm": ("vllm", "pip install vllm (CUDA; brings its own torch and flash-attention)"),
@@ -89,3 +90,31 @@ def randn(shape, dtype, device, scale: float = 1.0):
     import torch
     x = torch.randn(shape, dtype=dtype, device=device)
     return x.mul_(scale) if scale != 1.0 else x
+
+
+# torch.compile backend of the "compile" kernels: Inductor, as vLLM's default compilation
+# (CompilationMode.VLLM_COMPILE with backend "inductor"). Tests swap in "eager" to stay fast.
+COMPILE_BACKEND = "inductor"
+_COMPILED: dict = {}
+
+
+def compiled(fn):
+    """``fn`` under torch.compile with dynamic shapes, once per function and backend: vLLM
+    compiles one graph for all token counts (compile_sizes unset), so every shape of an op
+    reuses one compilation here too."""
+    import torch
+    key = (fn, COMPILE_BACKEND)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, dynamic=True, backend=COMPILE_BACKEND)
+    return _COMPILED[key]
+
+
+def torch_version() -> tuple[int, int]:
+    import torch
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def has_enable_gqa() -> bool:
+    """scaled_dot_product_attention's ``enable_gqa`` arrived in torch 2.5."""
+    return torch_version() >= (2, 5)

@@ -1,13 +1,13 @@
 """``python -m profiler.bench [overrides]``: how fast the CPU profiler measures, and how long a full
 default grid would take.
 
-It times a seeded random sample of the configured grid's points (each family in proportion),
-reports points per second, and extrapolates to the whole grid. It also counts the points of the
+It times a sample of the configured grid's points (each family in proportion, spread over sizes:
+profiler.run.calibrate, the dry run's ETA), reports points per second, and extrapolates to the
+whole grid. It also counts the points of the
 default GPU grid for a large model (``python -m profiler.run hw=h100 model=llama2-70b``).
 """
 from __future__ import annotations
 
-import random
 import sys
 import time
 
@@ -17,7 +17,7 @@ from profiler.config import compose
 def main(argv: list[str]) -> None:
     import conf
     from profiler import grid
-    from profiler.run import DEFAULT_TP, measure, resolve
+    from profiler.run import DEFAULT_TP, calibrate, resolve
     sample = 40
     rest = []
     for a in argv:
@@ -28,27 +28,19 @@ def main(argv: list[str]) -> None:
     cfg = compose(["hw=cpu", "model=tiny-llama", "profile.progress=false", *rest])
     setup = resolve(cfg)
     allpts = [(f, p) for f, pts in setup.points.items() for p in pts]
-    rng = random.Random(0)
-    picked = [(f, p) for f, pts in setup.points.items()
-              for p in rng.sample(pts, min(len(pts), max(2, round(sample * len(pts) / len(allpts)))))]
     t0 = time.perf_counter()
-    per_family: dict[str, list[float]] = {}
-    for family, point in picked:
-        s = time.perf_counter()
-        measure(setup, family, point)
-        per_family.setdefault(family, []).append(time.perf_counter() - s)
+    cal = calibrate(setup, allpts, sample)
     wall = time.perf_counter() - t0
-    rate = len(picked) / wall
+    timed = sum(k for k, _ in cal.values())
     print(f"hw={setup.hw.name} model={setup.model.name} tp={setup.tps} dtype={setup.dtype} "
           f"threads={setup.threads} repeats<={cfg.profile.repeats} max_s/point={cfg.profile.max_seconds_per_point}")
-    print(f"measured {len(picked)} random grid points in {wall:.1f} s: {rate:.2f} points/s")
+    print(f"measured {timed} grid points spread over sizes in {wall:.1f} s: {timed / wall:.2f} points/s")
     est = 0.0
     for family, pts in setup.points.items():
-        took = per_family.get(family)
-        if took:
-            mean = sum(took) / len(took)
+        if family in cal:
+            k, mean = cal[family]
             est += mean * len(pts)
-            print(f"  {family:12s} {len(pts):5d} points  {mean * 1e3:8.1f} ms/point (sampled {len(took)})")
+            print(f"  {family:12s} {len(pts):5d} points  {mean * 1e3:8.1f} ms/point (sampled {k})")
     print(f"full grid: {len(allpts)} points, estimated {est / 60:.1f} min at this rate")
     big = compose(["hw=h100", "model=llama2-70b"])
     model = conf.to_model(big.model)

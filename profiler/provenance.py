@@ -29,8 +29,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def gpu_metadata(index: int = 0) -> dict:
-    """nvidia-ml-py facts of the GPU torch calls ``cuda:index`` (matched by UUID, not NVML order)."""
+def gpu_metadata(index: int = 0, nvml=None) -> dict:
+    """torch's and NVML's facts of the GPU torch calls ``cuda:index``; the NVML part is empty
+    when NVML is missing (see profiler.nvml)."""
     import torch
     out = {"device_name": torch.cuda.get_device_name(index), "cuda": torch.version.cuda,
            "compute_capability": "%d.%d" % torch.cuda.get_device_capability(index)}
@@ -38,53 +39,25 @@ def gpu_metadata(index: int = 0) -> dict:
         out["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
     except Exception:
         pass
-    try:
-        import pynvml as nv
-    except ImportError:
-        out["nvml"] = "nvidia-ml-py not installed"
+    if nvml is None:
+        out["nvml"] = "unavailable"
         return out
-
-    def s(x):
-        return x.decode() if isinstance(x, bytes) else x
-
-    def tryit(f, *a):
-        try:
-            return f(*a)
-        except nv.NVMLError:
-            return None
-    nv.nvmlInit()
-    try:
-        uuid = str(getattr(torch.cuda.get_device_properties(index), "uuid", ""))
-        handle = None
-        if uuid:
-            handle = tryit(nv.nvmlDeviceGetHandleByUUID, uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
-        handle = handle or nv.nvmlDeviceGetHandleByIndex(index)
-        reasons = getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
-            nv.nvmlDeviceGetCurrentClocksThrottleReasons
-        power_limit_mw = tryit(nv.nvmlDeviceGetEnforcedPowerLimit, handle)
-        out.update({
-            "gpu_name": s(nv.nvmlDeviceGetName(handle)), "gpu_uuid": s(nv.nvmlDeviceGetUUID(handle)),
-            "driver": s(nv.nvmlSystemGetDriverVersion()), "cuda_driver": nv.nvmlSystemGetCudaDriverVersion(),
-            "sm_clock_mhz": tryit(nv.nvmlDeviceGetClockInfo, handle, nv.NVML_CLOCK_SM),
-            "sm_clock_max_mhz": tryit(nv.nvmlDeviceGetMaxClockInfo, handle, nv.NVML_CLOCK_SM),
-            "mem_clock_mhz": tryit(nv.nvmlDeviceGetClockInfo, handle, nv.NVML_CLOCK_MEM),
-            "power_limit_w": None if power_limit_mw is None else power_limit_mw / 1e3,
-            "temp_c": tryit(nv.nvmlDeviceGetTemperature, handle, nv.NVML_TEMPERATURE_GPU),
-            "clocks_event_reasons": tryit(reasons, handle),
-        })
-    finally:
-        nv.nvmlShutdown()
-    return out
+    return {**out, **nvml.facts()}
 
 
-def collect(device: str, threads: int, config: dict | None = None) -> dict:
+def device_uuid(index: int = 0) -> str:
+    import torch
+    return str(getattr(torch.cuda.get_device_properties(index), "uuid", "") or "")
+
+
+def collect(device: str, threads: int, config: dict | None = None, nvml=None) -> dict:
     from kernels.backends import versions
     meta = {"date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "host": platform.node(), "python": platform.python_version(), "versions": versions(),
             "device": device, "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "threads": threads,
             **git_commit()}
     if device == "cuda":
-        meta.update(gpu_metadata())
+        meta.update(gpu_metadata(nvml=nvml))
     else:
         meta["device_name"] = meta["cpu_model"]
     if config is not None:

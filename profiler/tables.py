@@ -73,6 +73,12 @@ FAMILIES: dict[str, list[tuple[str, pa.DataType]]] = {
 }
 
 
+# Optional measurement columns: written by the profiler, NaN where a source does not have them
+# (old files and importers get them filled on read / write). sm_clock_mhz: the GPU's SM clock
+# read right after the point's samples (NVML), to spot throttled points.
+OPTIONAL = [("sm_clock_mhz", pa.float64())]
+
+
 class TableError(ConfigError):
     """A profile table that does not follow the contract; the message names what is wrong."""
 
@@ -80,7 +86,7 @@ class TableError(ConfigError):
 def schema(family: str) -> pa.Schema:
     if family not in FAMILIES:
         raise TableError(f"unknown operator family {family!r}; known: {', '.join(FAMILIES)}")
-    return pa.schema([pa.field(n, t) for n, t in COMMON + FAMILIES[family]])
+    return pa.schema([pa.field(n, t) for n, t in COMMON + FAMILIES[family] + OPTIONAL])
 
 
 def identity_columns(family: str) -> list[str]:
@@ -91,6 +97,7 @@ def identity_columns(family: str) -> list[str]:
 
 def to_arrow(df: pd.DataFrame, family: str, provenance: dict | None = None) -> pa.Table:
     sch = schema(family)
+    df = _with_optional(df)
     missing = [f.name for f in sch if f.name not in df.columns]
     if missing:
         raise TableError(f"{family} table lacks columns: {', '.join(missing)}")
@@ -111,10 +118,20 @@ def read(path: str | Path, family: str | None = None) -> pd.DataFrame:
         raise TableError(f"no profile table at {path}")
     family = family or path.stem
     table = pq.read_table(path)
-    missing = [f.name for f in schema(family) if f.name not in table.column_names]
+    optional = {n for n, _ in OPTIONAL}
+    missing = [f.name for f in schema(family) if f.name not in table.column_names and f.name not in optional]
     if missing:
         raise TableError(f"{path}: not an opcast {family} table, lacks {', '.join(missing)}")
-    return table.to_pandas()
+    return _with_optional(table.to_pandas())
+
+
+def _with_optional(df: pd.DataFrame) -> pd.DataFrame:
+    missing = [n for n, _ in OPTIONAL if n not in df.columns]
+    if missing:
+        df = df.copy()
+        for n in missing:
+            df[n] = float("nan")
+    return df
 
 
 def provenance(path: str | Path) -> dict:

@@ -1,7 +1,7 @@
 """Replay a `vllm bench serve` result in opcast and compare, side by side; optionally calibrate.
 
     python -m sim.compare +bench=RESULT.json hw=a100 model=llama3-8b parallel.tp=1 [scheduler=vllm_v1]
-        [+calibrate=true [+server_log=VLLM_SERVER.log]] [+engine=PROFILE.yaml] [+bench_seed=0]
+        [+calibrate=true [+server_log=VLLM_SERVER.log]] [+engine_profile=PROFILE.yaml] [+bench_seed=0]
         [+arrivals=auto|recorded|normalised|legacy] [+out=DIR]
 
 The result's successful requests (lengths, and send times: recorded ``start_times``, else
@@ -14,10 +14,11 @@ opcast TTFT, TPOT, ITL and e2e (mean, median, p99; ms) with the error in %, and 
 costs (sim/calibrate.py) - from the server's iteration log of the same run when given
 (``+server_log``: vLLM started with --enable-logging-iteration-details; the exact split the
 CPU fidelity benchmark uses), else from the client's token timestamps - re-simulates
-with them and writes ``engine_profile.yaml``: the three overheads the simulator applies
-(sim.cpu_overhead_per_{iteration,sequence,token}_us) plus the frontend latency (time outside the
-engine loop, which the simulator does not model; sim.compare adds it to TTFT and e2e). Pass the
-profile to later comparisons with ``+engine=PATH`` or its overrides to ``python -m sim.run``.
+with them and writes ``engine_profile.yaml``: an engine profile (conf/engine, sim/config.py
+EngineConf) on top of the configured one with the fitted CPU costs per iteration, sequence and
+token and the frontend latency (time outside the engine loop, added to TTFT and e2e). Copy it to
+conf/engine/<name>.yaml and run with ``engine=<name>``, or pass it to later comparisons with
+``+engine_profile=PATH``.
 Outputs (``+out=DIR``, default Hydra's run dir): compare.json, bench_trace.parquet,
 vllm_result.json (the simulation in vLLM's schema) and engine_profile.yaml.
 """
@@ -31,14 +32,24 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from conf import ConfigError, cli, to_hw, to_model
+from conf import ConfigError, cli, to_model
 from conf.files import atomic_write, write_text
 from sim import calibrate, vllm_bench
 from sim.config import register
 
 METRICS = (("ttft", "ttft_s"), ("tpot", "tpot_s"), ("itl", "itl_s"), ("e2el", "e2e_s"))
 STATS = (("mean", "mean"), ("median", "p50"), ("p99", "p99"))
-OVERHEADS = ("cpu_overhead_per_iteration_us", "cpu_overhead_per_sequence_us", "cpu_overhead_per_token_us")
+# The calibration's fitted terms (sim/calibrate.py) -> the engine profile's fields.
+FIT_TO_ENGINE = {"cpu_overhead_per_iteration_us": "cpu_per_iteration_us",
+                 "cpu_overhead_per_sequence_us": "cpu_per_sequence_us",
+                 "cpu_overhead_per_token_us": "cpu_per_token_us"}
+ENGINE_COSTS = (*FIT_TO_ENGINE.values(), "frontend_latency_us")
+
+
+def engine_costs(fit: dict) -> dict[str, float]:
+    """A calibration's fit as engine-profile fields (µs)."""
+    return {**{new: float(fit[old]) for old, new in FIT_TO_ENGINE.items()},
+            "frontend_latency_us": float(fit["frontend_latency_ms"]) * 1e3}
 
 
 def write_trace(req: vllm_bench.BenchRequests, path: Path, source: Path) -> Path:
@@ -55,14 +66,14 @@ def write_trace(req: vllm_bench.BenchRequests, path: Path, source: Path) -> Path
     return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
-def sim_stats(result, frontend_ms: float = 0.0) -> dict[str, float]:
-    """opcast's numbers under vLLM's key names (ms); ``frontend_ms`` is added to TTFT and e2e."""
+def sim_stats(result) -> dict[str, float]:
+    """opcast's numbers under vLLM's key names (ms; TTFT and e2e include the engine profile's
+    frontend latency, as the simulator reports them)."""
     r = result.requests
-    f = frontend_ms / 1e3
     out = {}
-    out.update(vllm_bench.metric_stats(r.ttft_s + f, "ttft"))
+    out.update(vllm_bench.metric_stats(r.ttft_s, "ttft"))
     out.update(vllm_bench.metric_stats(r.tpot_s, "tpot"))
-    out.update(vllm_bench.metric_stats(r.e2e_s + f, "e2el"))
+    out.update(vllm_bench.metric_stats(r.e2e_s, "e2el"))
     s = result.summary
     out.update({"mean_itl_ms": s["itl_s_mean"] * 1e3, "median_itl_ms": s["itl_s_p50"] * 1e3,
                 "p99_itl_ms": s["itl_s_p99"] * 1e3})
@@ -96,19 +107,21 @@ def format_table(rows: list[dict], labels: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _apply_engine_profile(cfg: DictConfig, path: str) -> float:
-    """Set the overheads of an engine_profile.yaml on cfg.sim; returns its frontend latency (ms)."""
+def _apply_engine_profile(cfg: DictConfig, path: str) -> None:
+    """Set the CPU costs and frontend latency of an engine_profile.yaml on cfg.engine (profiles
+    written before the engine group, with sim.cpu_overhead_* names and frontend_latency_ms, too)."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"+engine={path}: not a file (an engine_profile.yaml written by +calibrate=true)")
+        raise ConfigError(f"+engine_profile={path}: not a file (an engine_profile.yaml written by +calibrate=true)")
     prof = OmegaConf.to_container(OmegaConf.load(p))
-    missing = [k for k in OVERHEADS if k not in prof]
+    if all(k in prof for k in FIT_TO_ENGINE) and "frontend_latency_ms" in prof:
+        prof = engine_costs(prof)
+    missing = [k for k in ENGINE_COSTS if k not in prof]
     if missing:
-        raise ConfigError(f"+engine={path}: missing key(s) {missing}")
+        raise ConfigError(f"+engine_profile={path}: missing key(s) {missing}")
     with open_dict(cfg):
-        for k in OVERHEADS:
-            cfg.sim[k] = float(prof[k])
-    return float(prof.get("frontend_latency_ms", 0.0))
+        for k in ENGINE_COSTS:
+            cfg.engine[k] = float(prof[k])
 
 
 def _round_trip(doc: dict, req: vllm_bench.BenchRequests, result) -> dict:
@@ -131,9 +144,8 @@ def _round_trip(doc: dict, req: vllm_bench.BenchRequests, result) -> dict:
 def run(cfg: DictConfig, out_dir: Path | None = None) -> dict:
     """Compare (and calibrate) as the module docstring says; returns what compare.json holds."""
     import sim
-    from estimator.runtime import load_op_times
+    from sim.core import load_op_times_for
     from sim.costs import BatchCost
-    from sim.workload import resolve_data_dir
 
     bench = cfg.get("bench")
     if not bench:
@@ -145,9 +157,10 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict:
                           f"--save-detailed (no {list(vllm_bench.DETAILED)})")
     req = vllm_bench.requests(doc, bench.name, seed=int(cfg.get("bench_seed", 0)), arrivals=str(cfg.get("arrivals", "auto")))
     out_dir = Path(str(cfg.get("out") or out_dir or cfg.sim.out_dir or "outputs/compare"))
-    frontend_ms = _apply_engine_profile(cfg, str(cfg.engine)) if cfg.get("engine") else 0.0
+    if cfg.get("engine_profile"):
+        _apply_engine_profile(cfg, str(cfg.engine_profile))
     trace = write_trace(req, out_dir / "bench_trace.parquet", bench)
-    hw, model = to_hw(cfg.hw), to_model(cfg.model)
+    model = to_model(cfg.model)
     with open_dict(cfg):
         cfg.workload.arrival, cfg.workload.lengths, cfg.workload.trace = "trace", "trace", str(trace.resolve())
         cfg.workload.num_requests, cfg.workload.trace_time_scale = len(req.input_lens), 1.0
@@ -159,18 +172,17 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict:
         raise ConfigError(f"request {int(req.index[i])} of {bench.name} has {int(total[i])} tokens; {model.name} with "
                           f"scheduler {cfg.scheduler.name} serves at most {longest} (model/scheduler the benchmark "
                           f"did not use?)")
-    op_times = load_op_times(hw, model, cfg.parallel.tp, quantile=cfg.sim.op_quantile,
-                             data_dir=str(resolve_data_dir(cfg.sim.data_dir)))
+    op_times = load_op_times_for(cfg)     # the cfg's parallel layout (tp, pp, ep, dp_attention)
     result = sim.simulate(cfg, op_times=op_times, outputs=False)
     engine = vllm_bench.engine_stats(doc, bench.name)
-    sims = {"opcast": sim_stats(result, frontend_ms)}
+    sims = {"opcast": sim_stats(result)}
     report: dict = {"bench": {"file": str(bench), "model_id": doc.get("model_id"), "request_rate": doc.get("request_rate"),
                               "burstiness": doc.get("burstiness"), "detailed": vllm_bench.is_detailed(doc),
                               "arrival_source": req.arrival_source, "assumptions": req.assumptions},
                     "deployment": {"hw": cfg.hw.name, "model": cfg.model.name, "tp": int(cfg.parallel.tp),
                                    "pp": int(cfg.parallel.pp), "replicas": int(cfg.parallel.replicas),
                                    "scheduler": cfg.scheduler.name, "op_source": result.op_source,
-                                   **{k: float(cfg.sim[k]) for k in OVERHEADS}, "frontend_latency_ms": frontend_ms},
+                                   "engine": cfg.engine.name, **{k: float(cfg.engine[k]) for k in ENGINE_COSTS}},
                     "round_trip": _round_trip(doc, req, result)}
     final = result
     if cfg.get("calibrate"):
@@ -189,10 +201,10 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict:
         except ValueError as exc:
             raise ConfigError(f"+calibrate=true: {exc}") from None
         with open_dict(cfg):
-            for k in OVERHEADS:
-                cfg.sim[k] = float(fit[k])
+            for k, v in engine_costs(fit).items():
+                cfg.engine[k] = v
         final = sim.simulate(cfg, op_times=op_times, outputs=False)
-        sims["calibrated"] = sim_stats(final, fit["frontend_latency_ms"])
+        sims["calibrated"] = sim_stats(final)
         report["calibration"] = fit
         report["engine_profile"] = str(write_engine_profile(out_dir / "engine_profile.yaml", fit, bench, cfg))
     report["table"] = table(engine, sims)
@@ -211,22 +223,24 @@ def _json_default(x):
 
 
 def write_engine_profile(path: Path, fit: dict, bench: Path, cfg: DictConfig) -> Path:
-    """The fitted CPU-side costs as a YAML the user passes to later runs (+engine=PATH here, or
-    the printed sim.* overrides to python -m sim.run). Every value says where it came from."""
+    """The fitted CPU-side costs as an engine profile (conf/engine) on top of the configured
+    one: copy it to conf/engine/<name>.yaml and use engine=<name>, or pass +engine_profile=PATH
+    here. Every value says where it came from."""
     sha = hashlib.sha256(bench.read_bytes()).hexdigest()
     src = (f"fitted by python -m sim.compare +calibrate=true on {bench.name} (sha256 {sha[:16]}) with hw="
            f"{cfg.hw.name} model={cfg.model.name} tp={cfg.parallel.tp} scheduler={cfg.scheduler.name}")
-    prof = {"name": f"calibrated_{bench.stem}".replace("-", "_").replace(".", "_"),
-            **{k: float(fit[k]) for k in OVERHEADS}, "frontend_latency_ms": float(fit["frontend_latency_ms"]),
-            "sources": {"cpu_overhead_per_iteration_us": f"{src}: decode-gap fit intercept",
-                        "cpu_overhead_per_sequence_us": f"{src}: decode-gap fit slope per sequence",
-                        "cpu_overhead_per_token_us": f"{src}: solo-prefill fit slope per prompt token",
-                        "frontend_latency_ms": f"{src}: solo-prefill fit intercept; not applied by the simulator "
-                                               f"(outside the engine loop), sim.compare adds it to TTFT and e2e"},
-            "fit": {k: v for k, v in fit.items() if k not in OVERHEADS and k != "frontend_latency_ms"}}
-    text = ("# Engine CPU-side costs (the three overheads the simulator applies today). Use:\n"
-            f"#   python -m sim.compare +engine={path} ...\n"
-            "#   python -m sim.run ... " + " ".join(f"sim.{k}={fit[k]}" for k in OVERHEADS) + "\n"
+    name = f"calibrated_{bench.stem}".replace("-", "_").replace(".", "_")
+    costs = engine_costs(fit)
+    prof = {"defaults": [str(cfg.engine.name), "_self_"], "name": name, **costs,
+            "sources": {"cpu_per_iteration_us": f"{src}: decode-gap fit intercept",
+                        "cpu_per_sequence_us": f"{src}: decode-gap fit slope per sequence",
+                        "cpu_per_token_us": f"{src}: solo-prefill fit slope per prompt token",
+                        "frontend_latency_us": f"{src}: solo-prefill fit intercept (outside the engine loop); "
+                                               f"the fit's details are in compare.json"}}
+    text = (f"# Engine profile: {cfg.engine.name} with CPU-side costs fitted to a real run. Use:\n"
+            f"#   cp {path} conf/engine/{name}.yaml; python -m sim.run engine={name} ...\n"
+            f"#   python -m sim.compare +engine_profile={path} ...\n"
+            "#   python -m sim.run ... " + " ".join(f"engine.{k}={v}" for k, v in costs.items()) + "\n"
             + OmegaConf.to_yaml(OmegaConf.create(json.loads(json.dumps(prof, default=_json_default)))))
     return write_text(path, text)
 

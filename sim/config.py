@@ -1,12 +1,13 @@
 """Structured configs of the simulate job (``conf/sim.yaml``) and its groups.
 
-Groups: ``scheduler/`` (a replica scheduler and its batching limits), ``workload/`` (arrivals
-and request lengths), ``router/`` (how requests are spread over replicas). The ``sim:`` node
-holds run options; outputs are off unless asked so that ``simulate`` is cheap for the search.
+Groups: ``scheduler/`` (a replica scheduler and its batching limits), ``engine/`` (the serving
+engine's CPU-side costs and execution choices), ``workload/`` (arrivals and request lengths),
+``router/`` (how requests are spread over replicas). The ``sim:`` node holds run options; outputs
+are off unless asked so that ``simulate`` is cheap for the search.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
@@ -16,6 +17,7 @@ import conf
 ARRIVALS = ("poisson", "gamma", "static", "trace")
 LENGTHS = ("trace", "fixed", "uniform", "zipf")
 QUANTILES = ("p10", "p50", "p90")
+MIXED_ATTENTION = ("one_call", "split")
 
 
 @dataclass
@@ -26,6 +28,35 @@ class SchedulerConf:
     chunk_size: int = 512             # sarathi: token budget per iteration (prefill chunks + decodes)
     block_size: int = 16              # paged KV block, tokens
     watermark: float = 0.01           # fraction of KV blocks kept free when admitting (vLLM default)
+
+
+@dataclass
+class EngineConf:
+    """What the serving engine adds to the operators' GPU time, and how it runs them
+    (``conf/engine/<name>.yaml``; each value there names its source)."""
+    name: str = "???"
+    version: str = ""                 # engine release the values describe
+    # CPU time per iteration the accelerator waits for (scheduling, input preparation, sampling
+    # sync, output processing): per_iteration + per_sequence x scheduled sequences + per_token x
+    # scheduled tokens, on the first pipeline stage.
+    cpu_per_iteration_us: float = 0.0
+    cpu_per_sequence_us: float = 0.0
+    cpu_per_token_us: float = 0.0
+    # Per request, outside the GPU's critical path: HTTP, tokenization, hand-off to the engine
+    # process, detokenization and streaming. Added to each request's TTFT and e2e.
+    frontend_latency_us: float = 0.0
+    # CUDA graphs (GPU cards only): batches of at most max(cuda_graph_sizes) tokens run a captured
+    # graph padded to the next captured size; [] = eager. graph_mixed_batches: the graph also
+    # runs batches with prefill tokens (vLLM v1's piecewise graphs), else decode-only batches.
+    cuda_graph_sizes: list[int] = field(default_factory=list)
+    graph_mixed_batches: bool = False
+    # Tensor-parallel all-reduce: the engine's custom all-reduce for messages below this many
+    # bytes, NCCL above (0 = NCCL always).
+    custom_allreduce_max_bytes: int = 0
+    # one_call: the prefill and decode attention of a mixed batch run as one kernel call (vLLM
+    # v1); split: two calls.
+    mixed_attention: str = "one_call"
+    sources: dict[str, str] = field(default_factory=dict)   # field -> where its value comes from
 
 
 @dataclass
@@ -65,17 +96,18 @@ class SimConf:
     band: bool = False                # also run with p10 and p90 operator times; report a band
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int = 0  # >0: use this many KV blocks per replica (as vLLM's option)
-    # Non-activation memory a serving engine holds besides weights/KV/activations (CUDA context,
-    # cuBLAS/NCCL workspaces). A modelling allowance, not a measurement; set 0 for a CPU engine.
-    reserved_gib: float = 1.0
-    # CPU time per iteration (scheduling, input preparation, sampling, output processing) that
-    # the GPU waits for. A modelling assumption of the order vLLM v0 shows on GPUs (ms per
-    # iteration, Vidur §cpu_overhead); not measured here - the fidelity work calibrates it.
-    cpu_overhead_per_iteration_us: float = 1000.0
-    cpu_overhead_per_sequence_us: float = 10.0
-    # Per scheduled token (input ids/positions/slot mapping, and what the engine's forward adds
-    # to the isolated operators per token); 0 by default, fitted by bench/fidelity.
-    cpu_overhead_per_token_us: float = 0.0
+    # KV capacity as vLLM computes it (sim/memory.py): gpu_memory_utilization x memory - weights -
+    # profile-run activations - NCCL buffers - CUDA graphs. reserved_gib: any further allowance.
+    reserved_gib: float = 0.0
+    # CUDA-graph pool counted against the KV budget: vLLM >= 0.21 estimates it at start-up
+    # (VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS); earlier versions (engine=vllm_v1 is 0.8)
+    # capture graphs after sizing the KV cache: 0. Not measured here.
+    cuda_graph_gib: float = 0.0
+    # Former names of engine.cpu_per_{iteration,sequence,token}_us: when set they override the
+    # engine profile's value (kept so existing overrides and bench/fidelity keep working).
+    cpu_overhead_per_iteration_us: Optional[float] = None
+    cpu_overhead_per_sequence_us: Optional[float] = None
+    cpu_overhead_per_token_us: Optional[float] = None
     print_summary: bool = True
     # vllm_result.json (written beside summary.json, `vllm bench serve --save-result` schema):
     # include the per-request lists as --save-detailed does (needs keep_requests).
@@ -89,6 +121,7 @@ def register() -> None:
     cs.store(group="scheduler", name="scheduler_schema", node=SchedulerConf)
     cs.store(group="workload", name="workload_schema", node=WorkloadConf)
     cs.store(group="router", name="router_schema", node=RouterConf)
+    cs.store(group="engine", name="engine_schema", node=EngineConf)
     cs.store(group="sim", name="sim_schema", node=SimConf)
 
 

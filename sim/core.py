@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 from omegaconf import DictConfig, OmegaConf
 
 from conf import ConfigError, shapes, to_hw, to_model
-from conf.schema import DTYPE_BYTES
-from sim.config import QUANTILES, SchedulerConf, WorkloadConf
+from sim.config import MIXED_ATTENTION, QUANTILES, EngineConf, SchedulerConf, WorkloadConf
 from sim.costs import BatchCost
 from sim.engine import Engine, Replica
 from sim.router import ROUTERS
@@ -50,6 +49,27 @@ def _validate(cfg: DictConfig) -> None:
     workloads.validate(wl)
 
 
+def engine_profile(cfg: DictConfig) -> EngineConf:
+    """The engine profile of cfg (``engine=<name>``), with the former ``sim.cpu_overhead_*``
+    overrides applied on top when given; checked."""
+    eng = EngineConf(**OmegaConf.to_container(cfg.engine, resolve=True))
+    for old, new in (("cpu_overhead_per_iteration_us", "cpu_per_iteration_us"),
+                     ("cpu_overhead_per_sequence_us", "cpu_per_sequence_us"),
+                     ("cpu_overhead_per_token_us", "cpu_per_token_us")):
+        value = cfg.sim.get(old)
+        if value is not None:
+            setattr(eng, new, float(value))
+    for name in ("cpu_per_iteration_us", "cpu_per_sequence_us", "cpu_per_token_us", "frontend_latency_us",
+                 "custom_allreduce_max_bytes"):
+        if getattr(eng, name) < 0:
+            raise ConfigError(f"engine.{name}={getattr(eng, name)} must be >= 0")
+    if any(s < 1 for s in eng.cuda_graph_sizes):
+        raise ConfigError(f"engine.cuda_graph_sizes={list(eng.cuda_graph_sizes)} must hold sizes >= 1")
+    if eng.mixed_attention not in MIXED_ATTENTION:
+        raise ConfigError(f"engine.mixed_attention={eng.mixed_attention!r}; choose one of {list(MIXED_ATTENTION)}")
+    return eng
+
+
 def max_request_tokens(cfg: DictConfig, model) -> int:
     """Longest request (prompt + output) the deployment serves: workload.max_request_tokens, or
     the model's max_position - capped at the token budget for schedulers without chunking
@@ -69,15 +89,36 @@ def max_request_tokens(cfg: DictConfig, model) -> int:
 
 
 def plan_for(cfg: DictConfig, hw=None, model=None) -> MemoryPlan:
-    """The memory plan of cfg's deployment (see ``sim.memory.memory_plan``)."""
+    """The memory plan of cfg's deployment (see ``sim.memory.memory_plan``): per replica, or per
+    DP-attention rank under ``parallel.dp_attention``."""
     hw, model = hw or to_hw(cfg.hw), model or to_model(cfg.model)
     sc = cfg.scheduler
     budget = sc.chunk_size if sc.name == "sarathi" else sc.max_tokens_per_batch
-    plan = memory_plan(hw, model, cfg.parallel.tp, cfg.parallel.pp, block_size=sc.block_size,
+    plan = memory_plan(hw, model, block_size=sc.block_size, layout=shapes.layout_of(model, cfg.parallel),
                        gpu_memory_utilization=cfg.sim.gpu_memory_utilization,
-                       reserved_gib=cfg.sim.reserved_gib, max_tokens_per_batch=budget,
-                       max_num_seqs=sc.max_num_seqs, max_model_len=max_request_tokens(cfg, model))
+                       reserved_gib=cfg.sim.reserved_gib, cuda_graph_gib=cfg.sim.get("cuda_graph_gib", 0.0),
+                       max_tokens_per_batch=budget, max_num_seqs=sc.max_num_seqs,
+                       max_model_len=max_request_tokens(cfg, model))
     return plan
+
+
+def load_op_times_for(cfg: DictConfig, quantile: str | None = None):
+    """The OpTimes of cfg's hw, model and parallel layout (``estimator.runtime.load_op_times``)."""
+    from estimator.runtime import load_op_times
+    hw, model = to_hw(cfg.hw), to_model(cfg.model)
+    return load_op_times(hw, model, int(cfg.parallel.tp), quantile=quantile or cfg.sim.op_quantile,
+                         data_dir=str(workloads.resolve_data_dir(cfg.sim.data_dir)),
+                         layout=shapes.layout_of(model, cfg.parallel))
+
+
+def warn_layout(hw, lay: shapes.Layout) -> None:
+    """Tensor parallelism across nodes works but is slow (every layer all-reduces over the
+    network); vLLM's and SGLang's guides put TP within a node and PP (or EP) across nodes."""
+    if lay.tp > hw.devices_per_node:
+        from estimator.model import warn_once
+        warn_once(("tp-across-nodes", hw.name, lay.tp),
+                  f"parallel.tp={lay.tp} spans nodes of {hw.devices_per_node} GPUs ({hw.name}): its all-reduces "
+                  f"run over the network; keep tp <= {hw.devices_per_node} and use pp across nodes")
 
 
 def simulate(cfg: DictConfig, op_times=None, *, outputs: bool | None = None) -> SimResult:
@@ -85,10 +126,11 @@ def simulate(cfg: DictConfig, op_times=None, *, outputs: bool | None = None) -> 
     model, tp). Writes files to ``cfg.sim.out_dir`` only when it is set (or outputs=True)."""
     wall0 = time.perf_counter()
     _validate(cfg)
+    engine = engine_profile(cfg)   # checked before the (slow) operator tables are built
     hw, model = to_hw(cfg.hw), to_model(cfg.model)
     tp, pp, n_rep = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.replicas
-    shapes.check_tp(model, tp)
-    shapes.check_pp(model, pp)
+    lay = shapes.layout_of(model, cfg.parallel)
+    warn_layout(hw, lay)
     plan = plan_for(cfg, hw, model)
     if not plan.fits:
         raise ConfigError(plan.reason)
@@ -104,36 +146,40 @@ def simulate(cfg: DictConfig, op_times=None, *, outputs: bool | None = None) -> 
     wl = WorkloadConf(**OmegaConf.to_container(cfg.workload, resolve=True))
     stream = workloads.requests(wl, int(cfg.seed), longest, cfg.sim.data_dir)   # checks the trace
     if op_times is None:
-        from estimator.runtime import load_op_times
-        op_times = load_op_times(hw, model, tp, quantile=cfg.sim.op_quantile,
-                                 data_dir=str(workloads.resolve_data_dir(cfg.sim.data_dir)))
+        op_times = load_op_times_for(cfg)
     elif getattr(op_times, "tp", tp) != tp or getattr(getattr(op_times, "model", model), "name", model.name) != model.name:
         raise ConfigError("op_times was loaded for another model/tp than cfg asks for")
+    elif getattr(op_times, "layout", lay).ep != lay.ep or getattr(op_times, "layout", lay).dp != lay.dp:
+        raise ConfigError("op_times was loaded for another expert/data-parallel layout than cfg asks for")
     writing = bool(cfg.sim.out_dir) if outputs is None else outputs
     trace = [] if writing and cfg.sim.trace else None
     timeline = [] if writing else None
-    metrics = Metrics(cfg.sim.keep_requests)
+    metrics = Metrics(cfg.sim.keep_requests, engine.frontend_latency_us * 1e-6)
     replicas = []
     sched_conf = SchedulerConf(**OmegaConf.to_container(sc, resolve=True))  # plain attrs: fast
-    for i in range(n_rep):
-        cost = BatchCost(op_times, model, pp, cfg.sim.cpu_overhead_per_iteration_us,
-                         cfg.sim.cpu_overhead_per_sequence_us, cfg.sim.cpu_overhead_per_token_us)
+    # Each DP-attention rank is its own engine core (scheduler, KV cache), as in vLLM.
+    for i in range(n_rep * lay.dp):
+        cost = BatchCost(op_times, model, pp, engine=engine, interconnect=hw.interconnect,
+                         graphs=hw.device == "cuda")
         blocks = Blocks(plan.num_blocks, sc.block_size, sc.watermark)
         replicas.append(Replica(i, SCHEDULERS[sc.name](sched_conf), blocks, cost, pp))
-    engine = Engine(replicas, cfg.router.name, int(cfg.seed), metrics, cfg.sim.fast_forward,
-                    trace, cfg.sim.max_trace_events, timeline)
+    loop = Engine(replicas, cfg.router.name, int(cfg.seed), metrics, cfg.sim.fast_forward,
+                  trace, cfg.sim.max_trace_events, timeline)
     t_loop = time.perf_counter()
-    end_s = engine.run(stream)
+    end_s = loop.run(stream)
     loop_s = time.perf_counter() - t_loop
     if metrics.num_requests != cfg.workload.num_requests:
         raise RuntimeError(f"simulation ended with {metrics.num_requests} of "
                            f"{cfg.workload.num_requests} requests complete")
     requests = metrics.requests_frame()
     summary = metrics.summary(requests)
-    summary.update(_utilisation(metrics, hw, model, tp, pp, n_rep, end_s))
+    summary.update(_utilisation(metrics, hw, model, lay, n_rep, end_s))
     summary["kv_util_mean"] = (sum(r.kv_area for r in replicas)
-                               / (plan.num_blocks * n_rep * end_s)) if end_s > 0 else math.nan
+                               / (plan.num_blocks * len(replicas) * end_s)) if end_s > 0 else math.nan
     summary["kv_util_peak"] = max(r.peak_blocks for r in replicas) / plan.num_blocks
+    # what the layout buys in memory (the search explains its winner with these)
+    summary["kv_capacity_tokens"] = float(plan.num_tokens * lay.dp)     # per replica, all DP ranks
+    summary["weight_gib_per_gpu"] = plan.weight_bytes / 2 ** 30
     summary["wall_s"] = time.perf_counter() - wall0
     summary["loop_wall_s"] = loop_s
     result = SimResult(summary, requests, plan, timeline or [], trace or [],
@@ -144,18 +190,26 @@ def simulate(cfg: DictConfig, op_times=None, *, outputs: bool | None = None) -> 
     return result
 
 
-def _utilisation(m: Metrics, hw, model, tp: int, pp: int, n_rep: int, end_s: float) -> dict[str, float]:
-    """MFU and MBU of the whole deployment over the simulated time (dense-model FLOPs: 2 per
-    weight per token, attention 4 * heads * head_dim per (q, kv) pair; bytes: every weight once
-    per iteration plus the KV read)."""
+def _utilisation(m: Metrics, hw, model, lay: shapes.Layout, n_rep: int, end_s: float) -> dict[str, float]:
+    """MFU and MBU of the whole deployment over the simulated time.
+
+    FLOPs: 2 per active weight per token (an MoE layer counts its router, shared and top-k
+    routed experts, not all experts), 2 per LM-head weight per sampled token, and per (q, kv)
+    pair 4 x heads x head_dim (MLA: 2 x heads x (qk + v head dims), as prefill runs it).
+    Bytes: the weights of an engine rank once per iteration (every local expert: an upper
+    bound for MoE at small batches) plus the KV read."""
     if end_s <= 0:
         return {"mfu": math.nan, "mbu": math.nan}
-    L, b = model.num_layers, DTYPE_BYTES[model.dtype]
-    flops = (2 * L * shapes.params_per_layer(model) * m.tokens
+    L = model.num_layers
+    per_pair = (2 * model.num_heads * (model.qk_nope_head_dim + model.qk_rope_head_dim + model.v_head_dim)
+                if shapes.is_mla(model) else 4 * model.num_heads * model.head_dim)
+    flops = (2 * shapes.active_params_per_token(model) * m.tokens
              + 2 * model.vocab_size * model.hidden_size * m.sampled
-             + 4 * L * model.num_heads * model.head_dim * m.attn_pairs)
-    kv_per_token = 2 * L * model.num_kv_heads * model.head_dim * b
-    bytes_ = m.iterations * shapes.num_params(model) * b + m.kv_read_tokens * kv_per_token
-    gpus = tp * pp * n_rep
+             + L * per_pair * m.attn_pairs)
+    kv_per_token = shapes.kv_bytes_per_token(model, 1)
+    # one iteration of one engine rank reads the weights on its tp x pp GPUs
+    weights = sum(shapes.stage_weight_bytes(model, lay)) * lay.tp
+    bytes_ = m.iterations * weights + m.kv_read_tokens * kv_per_token
+    gpus = lay.gpus * n_rep
     return {"mfu": flops / (end_s * hw.peak_tflops * 1e12 * gpus),
             "mbu": bytes_ / (end_s * hw.mem_bw_gbps * 1e9 * gpus)}

@@ -95,8 +95,11 @@ class LogHistogram:
 class Metrics:
     """Collects completed requests and per-iteration figures of one simulation."""
 
-    def __init__(self, keep_requests: bool):
+    def __init__(self, keep_requests: bool, client_delay_s: float = 0.0):
         self.keep = keep_requests
+        # The serving frontend's per-request latency (engine.frontend_latency_us): the client sees
+        # the first and the last token this much later than the engine makes them.
+        self.client_delay_s = client_delay_s
         self.cols = {c: array("d") for c in COLUMNS} if keep_requests else None
         self.hist = {m: LogHistogram() for m in REQUEST_METRICS}
         self.num_requests = 0
@@ -123,15 +126,18 @@ class Metrics:
         self.prompt_tokens += r.prompt
         self.last_completion_s = max(self.last_completion_s, now)
         self.first_arrival_s = min(self.first_arrival_s, r.arrival_s)
+        d = self.client_delay_s
+        now += d
+        first_token_s = r.first_token_s + d
         e2e = now - r.arrival_s
-        ttft = r.first_token_s - r.arrival_s
+        ttft = first_token_s - r.arrival_s
         h = self.hist
         h["ttft_s"].add(ttft)
         h["e2e_s"].add(e2e)
         h["norm_e2e_s"].add(e2e / r.output)
         h["sched_delay_s"].add(r.first_sched_s - r.arrival_s)
         if r.output > 1:
-            h["tpot_s"].add((now - r.first_token_s) / (r.output - 1))
+            h["tpot_s"].add((now - first_token_s) / (r.output - 1))
         if self.keep:
             c = self.cols
             c["request_id"].append(r.id)
@@ -140,7 +146,7 @@ class Metrics:
             c["num_prefill_tokens"].append(r.prompt)
             c["num_decode_tokens"].append(r.output)
             c["first_scheduled_s"].append(r.first_sched_s)
-            c["first_token_s"].append(r.first_token_s)
+            c["first_token_s"].append(first_token_s)
             c["completed_at_s"].append(now)
             c["num_preemptions"].append(r.preemptions)
             c["num_generated_tokens"].append(r.decoded)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, open_dict
 
-from conf import cli, to_hw, to_model
+from conf import cli
 from sim.config import register
 from sim.core import SimResult, simulate
 
@@ -26,14 +26,10 @@ def run(cfg: DictConfig) -> SimResult:
     """Simulate cfg (writing outputs to cfg.sim.out_dir when set); with sim.band, also the band."""
     band = None
     if cfg.sim.band:
-        from estimator.runtime import load_op_times
-        from sim.workload import resolve_data_dir
-        hw, model = to_hw(cfg.hw), to_model(cfg.model)
+        from sim.core import load_op_times_for
         runs = {}
         for q in ("p10", "p90"):
-            ot = load_op_times(hw, model, cfg.parallel.tp, quantile=q,
-                               data_dir=str(resolve_data_dir(cfg.sim.data_dir)))
-            runs[q] = simulate(cfg, op_times=ot, outputs=False).summary
+            runs[q] = simulate(cfg, op_times=load_op_times_for(cfg, q), outputs=False).summary
     result = simulate(cfg)
     if cfg.sim.band:
         band = {k: (runs["p10"][k], result.summary[k], runs["p90"][k]) for k in BAND_METRICS}
@@ -52,8 +48,11 @@ def _main(cfg: DictConfig) -> None:
     result = run(cfg)
     from sim.outputs import summary_table
     s = result.summary
-    print(f"{cfg.model.name} on {cfg.hw.name} tp={cfg.parallel.tp} pp={cfg.parallel.pp} "
-          f"replicas={cfg.parallel.replicas}, scheduler {cfg.scheduler.name}, workload "
+    par = cfg.parallel
+    sparse = (f" ep={par.ep} dp_attention={str(par.dp_attention).lower()}"
+              if par.get("ep", 1) > 1 or par.get("dp_attention", False) else "")
+    print(f"{cfg.model.name} on {cfg.hw.name} tp={par.tp} pp={par.pp}{sparse} "
+          f"replicas={par.replicas}, scheduler {cfg.scheduler.name}, workload "
           f"{cfg.workload.name} ({int(s['num_requests'])} requests, {cfg.workload.arrival} "
           f"{cfg.workload.qps if cfg.workload.arrival in ('poisson', 'gamma') else ''}), "
           f"KV {result.memory.num_blocks} blocks x {result.memory.block_size}, op times: {result.op_source}")

@@ -81,11 +81,19 @@ def test_compare_replays_a_detailed_result_and_calibrates(tmp_path):
         (rows[("ttft", "mean")]["opcast_ms"] / doc["mean_ttft_ms"] - 1) * 100)
     assert "calibrated_ms" in rows[("e2el", "p99")]
     prof = (tmp_path / "engine_profile.yaml").read_text()
-    assert all(k in prof for k in compare.OVERHEADS) and "sources" in prof and "sim.cpu_overhead_per_iteration_us=" in prof
-    again = compare.run(sim.compose(CPU + [f"+bench={BENCH}", f"+engine={tmp_path / 'engine_profile.yaml'}"]),
+    assert all(k in prof for k in compare.ENGINE_COSTS) and "sources" in prof and "engine.cpu_per_iteration_us=" in prof
+    again = compare.run(sim.compose(CPU + [f"+bench={BENCH}", f"+engine_profile={tmp_path / 'engine_profile.yaml'}"]),
                         tmp_path / "again")
-    for k in compare.OVERHEADS:
-        assert again["deployment"][k] == rep["calibration"][k]
+    for k, v in compare.engine_costs(rep["calibration"]).items():
+        assert again["deployment"][k] == pytest.approx(v)
+    # the written profile is an engine group file: it composes on top of the engine it extends
+    (REPO / "conf" / "engine" / "_test_calibrated.yaml").write_text(prof)
+    try:
+        cfg = sim.compose(CPU + ["engine=_test_calibrated"])
+        assert cfg.engine.cpu_per_iteration_us == pytest.approx(rep["calibration"]["cpu_overhead_per_iteration_us"])
+        assert list(cfg.engine.cuda_graph_sizes) == list(sim.compose([]).engine.cuda_graph_sizes)
+    finally:
+        (REPO / "conf" / "engine" / "_test_calibrated.yaml").unlink()
     assert json.loads((tmp_path / "vllm_result.json").read_text())["completed"] == 30
 
 

@@ -232,18 +232,22 @@ def test_band_runs_the_estimator_quantiles(monkeypatch, tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["band"]["tpot_s_p50"] == [lo, mid, hi]
 
 
-@pytest.mark.parametrize("pp", [1, 2])
-def test_a_lone_prefill_takes_the_estimators_time(op_times, pp):
-    """TTFT of one request on an idle replica = layers x (token ops + all-reduce + attention)
-    per stage + send/recv between stages + LM head + CPU overhead, from OpTimes itself."""
+@pytest.mark.parametrize("pp,names", [(1, "engine"), (2, "engine"), (1, "former")])
+def test_a_lone_prefill_takes_the_estimators_time(op_times, pp, names):
+    """TTFT of one request on an idle replica = layers x (token ops + attention) per stage +
+    send/recv between stages + embedding, final norm and LM head + the engine's CPU time +
+    its frontend latency, from OpTimes itself (tp=1: no all-reduce; 700 tokens: no CUDA graph).
+    The former sim.cpu_overhead_* names still set the engine's CPU terms."""
+    prefix = "engine.cpu_per_" if names == "engine" else "sim.cpu_overhead_per_"
     cfg = sim.compose(["workload=fixed", "workload.num_requests=1", "workload.prefill_tokens=700",
-                       f"parallel.pp={pp}", "sim.cpu_overhead_per_iteration_us=500",
-                       "sim.cpu_overhead_per_sequence_us=7", "sim.cpu_overhead_per_token_us=0.5"])
+                       f"parallel.pp={pp}", f"{prefix}iteration_us=500", f"{prefix}sequence_us=7",
+                       f"{prefix}token_us=0.5", "engine.frontend_latency_us=3000"])
     res = sim.simulate(cfg, op_times=op_times)
     ot, n = op_times, 700
-    per_layer = ot.layer_token_ops_us(n) + ot.layer_allreduce_us(n) + ot.layer_attention_us([n], [n], ())
+    per_layer = ot.layer_token_ops_us(n) + ot.layer_attention_us([n], [n], ())
     layers = [32] if pp == 1 else [16, 16]
-    expected_us = sum(layers) * per_layer + ot.lm_head_us(1) + 500 + 7 + 0.5 * n + (pp - 1) * ot.send_recv_us(n)
+    expected_us = (sum(layers) * per_layer + ot.embed_us(n) + ot.final_norm_us(n) + ot.lm_head_us(1)
+                   + 500 + 7 + 0.5 * n + (pp - 1) * ot.send_recv_us(n) + 3000)
     assert res.requests.ttft_s[0] == pytest.approx(expected_us * 1e-6, rel=1e-9)
 
 

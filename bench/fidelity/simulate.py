@@ -13,7 +13,8 @@ from conf.files import atomic_write
 BASE_OVERRIDES = ["hw=cpu", "model=tiny-llama", "scheduler=vllm_v1_cpu", "workload=fidelity_trace",
                   "parallel.tp=1", "parallel.pp=1", "parallel.replicas=1", "seed=0",
                   "sim.out_dir=null", "sim.keep_requests=true", "sim.reserved_gib=0",
-                  "sim.print_summary=false"]
+                  "sim.print_summary=false",
+                  "engine.frontend_latency_us=0"]   # the harness adds its own measured frontend latency
 
 
 def write_trace_parquet(requests: list[dict], path: str | Path) -> Path:
@@ -42,9 +43,9 @@ def simulate_trace(trace_parquet: str | Path, num_requests: int, overrides=(), o
     result = sim.simulate(cfg, op_times=op_times, outputs=True)   # outputs=True: keep the batch trace, no files
     req = result.requests.sort_values("request_id").reset_index(drop=True)
     req = req.rename(columns={"num_prefill_tokens": "input_len", "num_decode_tokens": "output_len"})
-    per_iter = cfg.sim.cpu_overhead_per_iteration_us
-    per_seq = cfg.sim.cpu_overhead_per_sequence_us
-    per_tok = cfg.sim.cpu_overhead_per_token_us
+    from sim.core import engine_profile
+    engine = engine_profile(cfg)   # the engine profile with the overrides above applied
+    per_iter, per_seq, per_tok = engine.cpu_per_iteration_us, engine.cpu_per_sequence_us, engine.cpu_per_token_us
     rows = [(kind, batch, tokens if kind != "decode" else batch, dur_s * 1e3)
             for _, stage, _, dur_s, kind, batch, tokens in result.trace if stage == 0]
     iters = pd.DataFrame(rows, columns=["kind", "seqs", "num_tokens", "period_ms"])
@@ -74,17 +75,9 @@ class ScaledOpTimes:
         self.op, self.scale = op_times, float(scale)
         self.tp, self.model, self.source = op_times.tp, op_times.model, f"{op_times.source} x{scale:.3f}"
 
-    def layer_token_ops_us(self, n):
-        return self.scale * self.op.layer_token_ops_us(n)
-
-    def layer_allreduce_us(self, n):
-        return self.scale * self.op.layer_allreduce_us(n)
-
-    def send_recv_us(self, n):
-        return self.scale * self.op.send_recv_us(n)
-
-    def lm_head_us(self, n):
-        return self.scale * self.op.lm_head_us(n)
-
-    def layer_attention_us(self, prefill_q, prefill_kv, decode_kv):
-        return self.scale * self.op.layer_attention_us(prefill_q, prefill_kv, decode_kv)
+    def __getattr__(self, name):
+        """Every ``*_us`` question of the OpTimes, scaled."""
+        attr = getattr(self.op, name)
+        if name.endswith("_us") and callable(attr):
+            return lambda *args, **kwargs: self.scale * attr(*args, **kwargs)
+        return attr

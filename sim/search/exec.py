@@ -92,15 +92,12 @@ _OP_TIMES: dict = {}
 
 def op_times_for(cfg):
     """The OpTimes of cfg's (hw, model, tp, quantile), loaded once per process."""
-    from conf import to_hw, to_model
-    from estimator.runtime import load_op_times
-    from sim.workload import resolve_data_dir
-    key = (OmegaConf.to_yaml(cfg.hw), OmegaConf.to_yaml(cfg.model), int(cfg.parallel.tp),
+    from sim.core import load_op_times_for
+    layout = {k: v for k, v in OmegaConf.to_container(cfg.parallel, resolve=True).items() if k != "replicas"}
+    key = (OmegaConf.to_yaml(cfg.hw), OmegaConf.to_yaml(cfg.model), str(sorted(layout.items())),
            str(cfg.sim.op_quantile), str(cfg.sim.data_dir))
     if key not in _OP_TIMES:
-        _OP_TIMES[key] = load_op_times(to_hw(cfg.hw), to_model(cfg.model), int(cfg.parallel.tp),
-                                       quantile=str(cfg.sim.op_quantile),
-                                       data_dir=str(resolve_data_dir(cfg.sim.data_dir)))
+        _OP_TIMES[key] = load_op_times_for(cfg)
     return _OP_TIMES[key]
 
 

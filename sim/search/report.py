@@ -15,7 +15,10 @@ import pandas as pd
 from sim.search.capacity import mean_ci95, violation
 
 # Latency columns always reported at capacity (besides the SLO's own and the Pareto metric).
-REPORTED_METRICS = ("ttft_s_p90", "itl_s_p99", "tpot_s_p50", "e2e_s_p90")
+REPORTED_METRICS = ("ttft_s_p90", "itl_s_p99", "tpot_s_p50", "e2e_s_p90", "kv_capacity_tokens",
+                    "weight_gib_per_gpu")
+# What makes two candidates different deployments (not just scheduler knobs).
+LAYOUT_COLUMNS = ("tp", "pp", "ep", "dp_attention", "weight_dtype", "kv_dtype")
 STATUS_ORDER = {"ok": 0, "no_qps_meets_slo": 1, "pruned": 2, "skipped": 3}
 
 
@@ -160,9 +163,11 @@ def describe(ranked: pd.DataFrame, limits: dict, closest: int = 5) -> str:
         b = ok.iloc[0]
         ci = (f"95% CI {b['capacity_qps_ci95_low']:.3g}-{b['capacity_qps_ci95_high']:.3g} over "
               f"{int(b['num_seeds'])} seeds" if b["num_seeds"] > 1 else "1 seed, no CI")
-        return (f"best config: {b['config']}  capacity {b['capacity_qps_mean']:.3g} QPS ({ci}), "
+        best = (f"best config: {b['config']}  capacity {b['capacity_qps_mean']:.3g} QPS ({ci}), "
                 f"{b['requests_per_usd']:.4g} requests/USD at {b['cost_usd_per_hour']:.4g} USD/h "
                 f"[SLO: {slo}]")
+        why = explain(ok)
+        return best + (f"\n{why}" if why else "")
     lines = [f"no config meets the SLO ({slo}); closest:"]
     near = ranked[ranked["status"] == "no_qps_meets_slo"].head(closest) if len(ranked) else ranked
     for _, r in near.iterrows():
@@ -174,4 +179,40 @@ def describe(ranked: pd.DataFrame, limits: dict, closest: int = 5) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["describe", "pareto_front", "plot_pareto", "rank", "violation"]
+def _layout(row) -> tuple:
+    return tuple(row.get(c, d) for c, d in zip(LAYOUT_COLUMNS, (1, 1, 1, False, "", "")))
+
+
+def _layout_text(row) -> str:
+    tp, pp, ep, dp, wdt, kvdt = _layout(row)
+    if dp:
+        text = f"attention in {int(ep) // int(tp)} data-parallel ranks of tp{tp}, experts over ep{ep}"
+    else:
+        text = f"tp{tp}" + (f" with experts over ep{ep}" if int(ep) > 1 else "")
+    text += f", pp{pp}" if int(pp) > 1 else ""
+    text += "".join(f", {name} {v}" for name, v in (("weights", wdt), ("KV", kvdt)) if v)
+    return text
+
+
+def explain(ok: pd.DataFrame) -> str:
+    """Why the best candidate wins: against the best one with another parallel layout or
+    precision, how much more it serves per USD, and the memory and step-time differences
+    behind it (KV capacity, weights per GPU, TPOT at capacity)."""
+    if not len(ok):
+        return ""
+    b = ok.iloc[0]
+    others = ok[[_layout(r) != _layout(b) for _, r in ok.iterrows()]]
+    if not len(others):
+        return f"why: {_layout_text(b)} is the only layout that meets the SLO"
+    r = others.iloc[0]
+    parts = [f"why: {_layout_text(b)} serves {b['requests_per_usd'] / r['requests_per_usd']:.2f}x the "
+             f"requests/USD of the best other layout ({r['config']}: {_layout_text(r)})"]
+    for col, what, fmt in (("kv_capacity_tokens_at_capacity", "KV cache per replica (tokens)", "{:.3g}"),
+                           ("weight_gib_per_gpu_at_capacity", "weights per GPU (GiB)", "{:.1f}"),
+                           ("tpot_s_p50_at_capacity", "TPOT p50 at capacity (s)", "{:.3g}")):
+        if col in ok and math.isfinite(b.get(col, math.nan)) and math.isfinite(r.get(col, math.nan)):
+            parts.append(f"{what} {fmt.format(b[col])} vs {fmt.format(r[col])}")
+    return "; ".join(parts)
+
+
+__all__ = ["describe", "explain", "pareto_front", "plot_pareto", "rank", "violation"]

@@ -57,6 +57,11 @@ class SearchConf:
     hw: list = field(default_factory=lambda: ["a100", "h100"])
     tp: list = field(default_factory=lambda: [1, 2, 4, 8])
     pp: list = field(default_factory=lambda: [1, 2, 3, 4])
+    # MoE models only (dense ones take ep=1 without DP attention): expert parallelism and DP attention
+    ep: list = field(default_factory=lambda: [1, 2, 4, 8])
+    dp_attention: list = field(default_factory=lambda: [False, True])
+    weight_dtype: list = field(default_factory=lambda: [""])    # "" = the model's; e.g. ["", fp8]
+    kv_dtype: list = field(default_factory=lambda: [""])
     schedulers: list = field(default_factory=lambda: ["vllm", "orca", "sarathi"])
     knobs: dict = field(default_factory=dict)        # scheduler name -> {knob: [values]}
     seeds: list = field(default_factory=lambda: [0, 1, 2])

@@ -1,8 +1,11 @@
 """The deployment configurations a search visits, from the ``search`` node of conf/search.yaml.
 
-A candidate is one hardware SKU, one (tp, pp) split with as many replicas as the GPU budget
-holds, and one scheduler with one value per knob. Splits that cannot run are recorded with
-the reason (budget not divisible, heads not divisible by tp, model does not fit in memory)
+A candidate is one hardware SKU, one parallel layout with as many replicas as the GPU budget
+holds, one storage precision and one scheduler with one value per knob. Layouts are tp x pp
+and, for mixture-of-experts models, x ep x dp_attention (conf/shapes.py Layout: a replica is
+tp x pp GPUs, or ep GPUs of dp_attention ranks); dense models only take ep=1 without DP
+attention. Splits that cannot run are recorded with the reason (budget not divisible, heads
+not divisible by tp, an expert layout the engines cannot run, model does not fit in memory)
 instead of silently dropped.
 """
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from conf import ConfigError, choices, compose
+from conf import ConfigError, choices, compose, shapes, to_model
 
 # Keys of the search's composed config that are not part of one simulation.
 SEARCH_ONLY_KEYS = ("search", "slo")
@@ -29,21 +32,33 @@ class Candidate:
     replicas: int
     scheduler: str
     knobs: tuple = ()          # ((knob name, value), ...) in config order
+    ep: int = 1                # expert parallelism (MoE models)
+    dp_attention: bool = False
+    weight_dtype: str = ""     # "" = the model's
+    kv_dtype: str = ""
+
+    @property
+    def width(self) -> int:
+        """GPUs of one pipeline stage: ep under DP attention, else tp."""
+        return self.ep if self.dp_attention else self.tp
 
     @property
     def gpus(self) -> int:
-        return self.tp * self.pp * self.replicas
+        return self.width * self.pp * self.replicas
 
     @property
     def label(self) -> str:
         knobs = " ".join(f"{k}={v}" for k, v in self.knobs)
-        replicas = f"x{self.replicas}" if self.replicas else "x-"   # x- : tp*pp misses the budget
-        return f"{self.hw} tp{self.tp} pp{self.pp} {replicas} {self.scheduler} {knobs}".strip()
+        replicas = f"x{self.replicas}" if self.replicas else "x-"   # x- : the split misses the budget
+        sparse = (f" ep{self.ep}" if self.ep > 1 else "") + (" dp-attn" if self.dp_attention else "")
+        dtypes = "".join(f" {name}:{v}" for name, v in (("w", self.weight_dtype), ("kv", self.kv_dtype)) if v)
+        return f"{self.hw} tp{self.tp} pp{self.pp}{sparse}{dtypes} {replicas} {self.scheduler} {knobs}".strip()
 
     def columns(self) -> dict:
-        return dict(config=self.label, hw=self.hw, tp=self.tp, pp=self.pp, replicas=self.replicas,
-                    gpus=self.gpus, scheduler=self.scheduler,
-                    knobs=json.dumps(dict(self.knobs), sort_keys=True))
+        return dict(config=self.label, hw=self.hw, tp=self.tp, pp=self.pp, ep=self.ep,
+                    dp_attention=self.dp_attention, weight_dtype=self.weight_dtype,
+                    kv_dtype=self.kv_dtype, replicas=self.replicas, gpus=self.gpus,
+                    scheduler=self.scheduler, knobs=json.dumps(dict(self.knobs), sort_keys=True))
 
 
 @dataclass
@@ -108,7 +123,10 @@ def sim_config(cfg: DictConfig, hw_node: DictConfig, sched_node: DictConfig,
         sched[knob] = value
     data["scheduler"] = sched
     data["parallel"] = {**data.get("parallel", {}), "tp": cand.tp, "pp": cand.pp,
-                        "replicas": cand.replicas}
+                        "replicas": cand.replicas, "ep": cand.ep, "dp_attention": cand.dp_attention}
+    for field in ("weight_dtype", "kv_dtype"):
+        if getattr(cand, field):
+            data["model"] = {**data["model"], field: getattr(cand, field)}
     return OmegaConf.create(data)
 
 
@@ -162,17 +180,23 @@ def config_hash(sim_cfg: DictConfig | dict, volatile_keys=(), extra: dict | None
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def parallel_splits(space, budget: int) -> list[tuple[int, int, int, str]]:
-    """(tp, pp, replicas, reason) for every tp x pp; reason is empty when the budget divides."""
+def parallel_splits(space, budget: int, moe: bool = False,
+                    all2all: str = "allgather_reducescatter") -> list[tuple[int, int, int, bool, int, str]]:
+    """(tp, pp, ep, dp_attention, replicas, reason) for every tp x pp (x ep x dp_attention for
+    an MoE model); reason is empty when the budget divides the replica's GPUs."""
+    eps = [int(e) for e in _as_list(space.get("ep", [1]), "ep")] if moe else [1]
+    dps = [bool(d) for d in _as_list(space.get("dp_attention", [False]), "dp_attention")] if moe else [False]
     out = []
-    for tp, pp in itertools.product(_as_list(space.tp, "tp"), _as_list(space.pp, "pp")):
+    for tp, pp, ep, dp in itertools.product(_as_list(space.tp, "tp"), _as_list(space.pp, "pp"), eps, dps):
         tp, pp = int(tp), int(pp)
-        if tp < 1 or pp < 1:
-            raise ConfigError(f"search: tp and pp must be >= 1, got tp={tp} pp={pp}")
-        per_replica = tp * pp
-        reason = "" if budget % per_replica == 0 else \
-            f"tp*pp={per_replica} does not divide the {budget}-GPU budget"
-        out.append((tp, pp, budget // per_replica if not reason else 0, reason))
+        if tp < 1 or pp < 1 or ep < 1:
+            raise ConfigError(f"search: tp, pp and ep must be >= 1, got tp={tp} pp={pp} ep={ep}")
+        per_replica = (ep if dp else tp) * pp
+        what = f"ep*pp={per_replica}" if dp else f"tp*pp={per_replica}"
+        reason = "" if budget % per_replica == 0 else f"{what} does not divide the {budget}-GPU budget"
+        if dp and ep == tp and all2all != "deepep":
+            reason = f"dp_attention with ep=tp={tp} is one DP rank: the same deployment as tp{tp} ep{ep}"
+        out.append((tp, pp, ep, dp, budget // per_replica if not reason else 0, reason))
     return out
 
 
@@ -190,12 +214,16 @@ def enumerate_space(cfg: DictConfig, fits=None) -> tuple[list[tuple[Candidate, D
     schedulers = [str(s) for s in _as_list(space.schedulers, "schedulers")]
     sched_nodes = group_nodes(cfg, "scheduler", schedulers)
     knobs = OmegaConf.to_container(space.get("knobs") or {}, resolve=True)
+    moe = shapes.is_moe(to_model(cfg.model))
+    dtypes = list(itertools.product(*(_as_list(space.get(f, [""]), f) for f in ("weight_dtype", "kv_dtype"))))
     runnable, skipped = [], []
     for hw in hw_nodes:
-        for tp, pp, replicas, reason in parallel_splits(space, budget):
+        for (tp, pp, ep, dp, replicas, reason), (wdt, kvdt) in itertools.product(
+                parallel_splits(space, budget, moe, str(cfg.parallel.get("all2all_backend", ""))), dtypes):
             for sched in schedulers:
                 for knob_values in knob_grid(knobs.get(sched) or {}):
-                    cand = Candidate(hw, tp, pp, replicas, sched, knob_values)
+                    cand = Candidate(hw, tp, pp, replicas, sched, knob_values, ep, dp, str(wdt or ""),
+                                     str(kvdt or ""))
                     if reason:
                         skipped.append(Skipped(cand, reason))
                         continue
