@@ -320,9 +320,5 @@ def test_roofline_priors_by_hand():
     assert R.collective_us(4e8, 8, hw, "all_reduce") == pytest.approx(R.LAUNCH_US + 1750)
     assert R.collective_us(4e8, 8, hw, "all_gather") == pytest.approx(R.LAUNCH_US + 875)
     assert R.collective_us(4e8, 2, hw, "send_recv") == pytest.approx(R.LAUNCH_US + 1000)
-    # MLA decode (DeepSeek-V3 sizes, 16 heads, 1 token over 4096 cached): weights
-    # 7168*1536 + 1536*16*192 + 7168*576 + 512*16*256 + 16*128*7168 elements read once (bf16)
-    w = 7168 * 1536 + 1536 * 16 * 192 + 7168 * 576 + 512 * 16 * 256 + 16 * 128 * 7168
-    nbytes = 2 * w + 2 * 4096 * 576 + 4 * 7168
-    assert R.mla_us("decode", 1, 4096, 4096, 16, 7168, 1536, 512, 128, 64, 128, hw) == \
-        pytest.approx(R.LAUNCH_US + nbytes / 4e6)  # 4000 GB/s = 4e6 B/us
+    # batched GEMM: 128 heads x (1 x 512) @ (512 x 128) bf16: 128 x 2 x (512 + 65536 + 128) B read/written
+    assert R.bmm_us(128, 1, 128, 512, hw) == pytest.approx(R.LAUNCH_US + 128 * 2 * (512 + 512 * 128 + 128) / 4e6)
