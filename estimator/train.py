@@ -242,6 +242,8 @@ def _keep_other_families(report: dict, path: Path) -> None:
     if previous.get("hw") == report["hw"]:
         for family, entry in previous.get("families", {}).items():
             report["families"].setdefault(family, entry)
+    order = {f: i for i, f in enumerate(tables.FAMILIES)}
+    report["families"] = dict(sorted(report["families"].items(), key=lambda kv: order.get(kv[0], len(order))))
 
 
 def _remove_model(out: Path, family: str) -> None:
