@@ -1,8 +1,8 @@
 """The event loop: arrivals, a global router, replicas with a scheduler, a KV block manager
 and pipeline stages; one event per batch (per pipeline stage hand-off at pp > 1).
 
-Steady decode stretches (``stable_decode`` schedulers, a decode-only batch of every running
-request, no preemption) run as one event covering k iterations, where k stops at the first
+Steady decode stretches (``stable_decode`` schedulers - ``stable_while_waiting`` ones, or
+nothing waiting -, a decode-only batch of every running request, no preemption) run as one event covering k iterations, where k stops at the first
 iteration that ends at/after the next arrival, at the first request completion, or before the
 KV blocks for the next token run out. Each iteration's time is still computed one by one in
 the same order, so per-request results are bit-identical to ``sim.fast_forward=false``.
@@ -168,7 +168,8 @@ class Engine:
             first_end = end
             nxt_s = self.next_arrival_s
             if (cap > 1 and end < nxt_s and self.fast_forward and b == len(rep.running)
-                    and rep.scheduler.stable_decode and rep.blocks.preemptions == preempted_before):
+                    and rep.scheduler.stable_decode and rep.blocks.preemptions == preempted_before
+                    and (rep.scheduler.stable_while_waiting or not rep.waiting)):
                 cap = self._block_cap(rep, decodes, cap)
                 tr, decode_us, dts = self.trace, cost.decode_us, []
                 while steps < cap and end < nxt_s:

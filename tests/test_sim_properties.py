@@ -95,3 +95,14 @@ def test_same_seed_same_results_and_fast_forward_changes_nothing(base, params):
     assert a.requests.equals(c.requests)
     for k in ("ttft_s_p90", "e2e_s_p99", "num_preemptions", "num_iterations", "batch_size_mean", "mfu"):
         assert a.summary[k] == b.summary[k] and a.summary[k] == pytest.approx(c.summary[k], rel=1e-12, nan_ok=True)
+
+
+def test_fast_forward_is_exact_for_lightllm_while_requests_wait(base):
+    """LightLLM's admission test can pass in the middle of a decode stretch (a waiting request's
+    projected peak falls as the running ones decode): it must not be fast-forwarded then."""
+    cfg = sim.compose(["hw=a100", "model=llama2-7b", "workload=splitwise_conv", "workload.num_requests=20",
+                       "scheduler=lightllm", "workload.qps=30", "sim.num_gpu_blocks_override=400"])
+    a = sim.simulate(cfg, op_times=base[1])
+    OmegaConf.update(cfg, "sim.fast_forward", False)
+    b = sim.simulate(cfg, op_times=base[1])
+    assert a.requests.equals(b.requests)

@@ -9,7 +9,9 @@ must allocate the blocks its batch's new tokens need before returning. Requests 
 ``busy`` are in flight on a pipeline stage and must be left alone. ``stable_decode = True``
 promises: after a decode-only batch of every running request, the next decision is the same
 until a request arrives, one finishes, or the KV blocks for the next token run out - the
-engine uses it to run steady decode stretches as one event.
+engine uses it to run steady decode stretches as one event. ``stable_while_waiting = False``
+limits that promise to when no request waits (a policy whose admission test can come to pass
+while the running requests decode, without an arrival or a completion).
 """
 from __future__ import annotations
 
@@ -87,12 +89,14 @@ def make_room(running: list, i: int, num_blocks: int, waiting: deque, blocks: Bl
 
 
 class Scheduler:
-    """The shared header of every policy: its SchedulerConf and two flags the engine reads.
+    """The shared header of every policy: its SchedulerConf and the flags the engine reads.
 
     ``chunked``: prompts may be split over iterations (else a whole prompt must fit one
-    iteration's token budget). ``stable_decode``: see the module docstring."""
+    iteration's token budget). ``stable_decode``, ``stable_while_waiting``: see the module
+    docstring."""
 
     stable_decode = True
+    stable_while_waiting = True
     chunked = False
 
     def __init__(self, sc):

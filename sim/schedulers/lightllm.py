@@ -30,6 +30,10 @@ def future_kv(r) -> tuple[int, int]:
 
 
 class LightLLMScheduler(Scheduler):
+    # A waiting request's projected peak falls as the running requests decode (they near their
+    # end, it has not started), so it may be admitted in the middle of a decode stretch.
+    stable_while_waiting = False
+
     def schedule(self, now, running, waiting, blocks):
         if waiting:
             items = [future_kv(r) for r in running]
