@@ -116,33 +116,31 @@ def schedule_running(running: list, waiting: deque, blocks: Blocks, decodes: lis
     ``prefills`` is given (appended as (request, tokens); skipped otherwise). Blocks run out ->
     preempt vLLM-style from the back. Returns (budget left, whether it had to preempt)."""
     preempted = False
-    i = 0
-    while i < len(running) and budget > 0:
-        r = running[i]
+    bs = blocks.block_size
+    for i, r in enumerate(running):   # (preemption only removes requests after i, or i and stops)
+        if budget <= 0:
+            break
         if r.busy:
-            i += 1
             continue
         left = r.prefill_target - r.prefilled
-        if left > 0:
+        if left:
             if prefills is None:
-                i += 1
                 continue
             n = min(left, budget)
         else:
             n = 1
-        nb = -(-(r.kv + n) // blocks.block_size) - r.blocks
+        nb = -(-(r.kv + n) // bs) - r.blocks
         if nb > 0:
             if nb > blocks.free:
                 preempted = True
                 if not make_room(running, i, nb, waiting, blocks):
                     break
             blocks.allocate(r, nb)
-        if left > 0:
+        if left:
             prefills.append((r, n))
         else:
             decodes.append(r)
         budget -= n
-        i += 1
     return budget, preempted
 
 
