@@ -17,16 +17,20 @@ API (what ``python -m sim.run`` and the search build on)::
   norm_e2e_s, sched_delay_s and stat in mean, p50, p90, p99; throughput_rps,
   throughput_tok_s (output tokens/s), num_requests, num_preemptions, num_iterations, mfu, mbu
   (whole deployment over the simulated time), kv_util_mean (time-weighted), kv_util_peak,
-  batch_size_mean (per iteration), sim_time_s (simulated end time), wall_s, loop_wall_s.
-  ``.requests``: one row per request (ids, times, lengths, ttft_s, tpot_s, e2e_s, ...) when
-  ``sim.keep_requests`` (default); ``.memory``: the MemoryPlan.
+  batch_size_mean (per iteration), sim_time_s (simulated end time), prefix_hit_rate,
+  prefix_block_hit_rate, prefill_tokens_saved, kv_evictions (prefix caching; 0 without),
+  wall_s, loop_wall_s. ``.requests``: one row per request (ids, times, lengths,
+  num_cached_tokens, ttft_s, tpot_s, e2e_s, ...) when ``sim.keep_requests`` (default);
+  ``.replicas``: per replica, requests routed, KV use and prefix cache figures;
+  ``.memory``: the MemoryPlan.
 - ``memory_plan(hw, model, tp, pp, block_size=16, gpu_memory_utilization=0.9, ...) ->
   MemoryPlan`` (``.fits``, ``.num_blocks``, ``.reason``) and ``plan_for(cfg)``: whether and how a
   deployment fits, without simulating - the search skips configs with ``.reason``.
 - ``SCHEDULERS`` (name -> class with ``schedule(now, running, waiting, blocks)``), ``ROUTERS``.
 
 Modules: engine (event loop, fast-forward of steady decodes), costs (batch time from OpTimes),
-memory (KV capacity), workload (arrivals, lengths, traces), metrics (streaming stats),
+memory (KV capacity), prefix_cache (vLLM v1's automatic prefix caching), workload (arrivals,
+lengths, traces, shared prefixes, multi-turn sessions), router, metrics (streaming stats),
 outputs (parquet, plots, Perfetto), schedulers/ (one file per policy), run (CLI), bench.
 """
 from sim.config import compose, register

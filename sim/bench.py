@@ -1,25 +1,36 @@
 """Simulator speed benchmark (figures, not a test).
 
-    python -m sim.bench [--repeats 5] [--million] [--data-dir data]
+    python -m sim.bench [--repeats 5] [--million] [--million-sessions] [--data-dir data]
 
 Scenario (the issue's): Llama-2-7B, A100, TP1, one replica, vLLM (v0) scheduler, 1000 requests
 with Splitwise-conversation lengths, Poisson 3 QPS. Reports the cold run (first use of an
 OpTimes fills the attention memo from the estimator) and warm runs (what a search sees),
 as wall and CPU seconds, against Vidur's 5.5 s for the same scenario on this machine.
-``--million`` also runs 1M requests of that workload with streaming metrics
-(sim.keep_requests=false) and reports its time and the process's peak memory.
+Prefix caching: the same scenario with scheduler.prefix_caching=true (its bookkeeping, nothing
+shared; target within 1.5x of off), and a multi-turn workload (conf/workload/multi_turn.yaml,
+vLLM v1 scheduler) with caching on and off (what caching saves, what it costs to simulate).
+``--million`` also runs 1M requests of the scenario's workload with streaming metrics
+(sim.keep_requests=false) and reports its time and the process's peak memory;
+``--million-sessions`` runs 1M multi-turn requests with caching on in a child process and
+reports its time and that process's peak memory (target < 2 GiB).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
 
 VIDUR_S = 5.5   # Vidur on this machine, same scenario (the issue's figure)
 TARGET_S = 0.3
 SCENARIO = ["hw=a100", "model=llama2-7b", "parallel.tp=1", "parallel.replicas=1", "scheduler=vllm",
             "workload=splitwise_conv", "workload.num_requests=1000", "workload.qps=3", "seed=0"]
+CACHING_TARGET = 1.5      # caching on / off, simulator time on the scenario
+MULTI_TURN = ["hw=a100", "model=llama2-7b", "parallel.tp=1", "scheduler=vllm_v1", "workload=multi_turn",
+              "seed=0"]
 
 
 def _timed(fn):
@@ -28,10 +39,42 @@ def _timed(fn):
     return out, time.perf_counter() - w, time.process_time() - c
 
 
+def _interleaved(runs: dict, repeats: int) -> dict:
+    """Median CPU seconds of each named zero-argument run, alternating them to share the noise."""
+    times: dict = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            times[name].append(_timed(fn)[2])
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def _million_sessions(data_dir: str) -> None:
+    """In a child process (so the peak memory is its own): 1M multi-turn requests, caching on."""
+    code = ("import time, sim; t = time.perf_counter(); c = time.process_time(); "
+            f"r = sim.simulate(sim.compose({MULTI_TURN!r} + ['workload.num_requests=1000000', "
+            f"'sim.keep_requests=false', 'sim.data_dir={data_dir}'])); s = r.summary; "
+            "print(time.perf_counter() - t, time.process_time() - c, s['num_iterations'], s['sim_time_s'], "
+            "s['prefix_hit_rate'], s['kv_evictions'], s['ttft_s_p50'], s['e2e_s_p99'])")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            cwd=os.getcwd())
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status:
+        raise SystemExit(f"error: the 1M-session run failed (status {status})")
+    wall, cpu, iters, sim_s, hit, evictions, ttft, e2e = (float(x) for x in out.split()[-8:])
+    peak_gib = usage.ru_maxrss / 2 ** 20
+    print(f"1M multi-turn requests, prefix caching on (streaming metrics, child process): wall {wall:.1f} s, "
+          f"cpu {cpu:.1f} s, {int(iters)} iterations, {sim_s:.0f} s simulated; prefix hit rate {hit:.3f}, "
+          f"{int(evictions)} evictions; ttft p50 {ttft:.3f} s, e2e p99 {e2e:.3f} s; peak RSS {peak_gib:.2f} GiB "
+          f"(target < 2 GiB: {'PASS' if peak_gib < 2 else 'FAIL'})")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m sim.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--million", action="store_true", help="also run 1M requests (minutes)")
+    ap.add_argument("--million-sessions", action="store_true",
+                    help="also run 1M multi-turn requests with prefix caching (minutes)")
     ap.add_argument("--data-dir", default="data")
     args = ap.parse_args(argv)
 
@@ -59,6 +102,28 @@ def main(argv=None) -> None:
           f"{'' if warm_w < TARGET_S or warm_c >= TARGET_S else ' (cpu time passes: machine is loaded)'}")
     print(f"  vs Vidur {VIDUR_S} s: {VIDUR_S / warm_w:.1f}x faster (wall), {VIDUR_S / warm_c:.1f}x (cpu)")
     print(f"  per 1000 simulated iterations: {1e3 * warm_w / s['num_iterations'] * 1e3:.2f} ms wall")
+    cached = sim.compose(SCENARIO + ["scheduler.prefix_caching=true", f"sim.data_dir={args.data_dir}"])
+    res_on = sim.simulate(cached, op_times=ot)
+    same = all(res_on.summary[k] == s[k] for k in ("e2e_s_p50", "ttft_s_p90", "num_iterations"))
+    cpu = _interleaved({"off": lambda: sim.simulate(cfg, op_times=ot),
+                        "on": lambda: sim.simulate(cached, op_times=ot)}, args.repeats)
+    ratio = cpu["on"] / cpu["off"]
+    print(f"  prefix caching on (nothing shared here{', same results' if same else ', RESULTS DIFFER'}): "
+          f"cpu {cpu['on']:.3f} s vs {cpu['off']:.3f} s off (medians of {args.repeats}, interleaved) = "
+          f"{ratio:.2f}x, target <= {CACHING_TARGET}x: {'PASS' if ratio <= CACHING_TARGET else 'FAIL'}")
+    turns = {pc: sim.compose(MULTI_TURN + [f"scheduler.prefix_caching={pc}", f"sim.data_dir={args.data_dir}"])
+             for pc in ("true", "false")}
+    results = {pc: sim.simulate(c, op_times=ot).summary for pc, c in turns.items()}
+    cpu = _interleaved({pc: (lambda c=c: sim.simulate(c, op_times=ot)) for pc, c in turns.items()},
+                       args.repeats)
+    print(f"multi-turn: {' '.join(MULTI_TURN)} ({int(results['true']['num_requests'])} requests)")
+    for pc, label in (("true", "caching on "), ("false", "caching off")):
+        r = results[pc]
+        print(f"  {label}  ttft p50 {r['ttft_s_p50']:.3f} s p90 {r['ttft_s_p90']:.3f} s, e2e p50 "
+              f"{r['e2e_s_p50']:.3f} s, prefix hit rate {r['prefix_hit_rate']:.3f}, prefill tokens saved "
+              f"{int(r['prefill_tokens_saved'])}, evictions {int(r['kv_evictions'])}; simulate cpu {cpu[pc]:.3f} s")
+    print(f"  simulating with caching costs {cpu['true'] / cpu['false']:.2f}x (its block bookkeeping, and "
+          f"{int(results['true']['num_iterations'])} vs {int(results['false']['num_iterations'])} iterations)")
     if args.million:
         big = sim.compose(SCENARIO[:-3] + ["workload.num_requests=1000000", "workload.qps=3", "seed=0",
                                            "sim.keep_requests=false", f"sim.data_dir={args.data_dir}"])
@@ -69,6 +134,8 @@ def main(argv=None) -> None:
               f"{int(s['num_iterations'])} iterations, {s['sim_time_s']:.0f} s simulated; "
               f"process peak RSS {peak_gib:.2f} GiB (target < 2 GiB: {'PASS' if peak_gib < 2 else 'FAIL'}); "
               f"e2e p50 {s['e2e_s_p50']:.3f} s p99 {s['e2e_s_p99']:.3f} s")
+    if args.million_sessions:
+        _million_sessions(args.data_dir)
 
 
 if __name__ == "__main__":

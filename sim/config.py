@@ -16,6 +16,7 @@ import conf
 
 ARRIVALS = ("poisson", "gamma", "static", "trace")
 LENGTHS = ("trace", "fixed", "uniform", "zipf")
+PREFIXES = ("none", "shared", "tree", "sessions")
 QUANTILES = ("p10", "p50", "p90")
 MIXED_ATTENTION = ("one_call", "split")
 
@@ -28,6 +29,10 @@ class SchedulerConf:
     chunk_size: int = 512             # sarathi: token budget per iteration (prefill chunks + decodes)
     block_size: int = 16              # paged KV block, tokens
     watermark: float = 0.01           # fraction of KV blocks kept free when admitting (vLLM default)
+    # Automatic prefix caching (sim/prefix_cache.py): full KV blocks stay cached after their
+    # request ends and a new request reuses its longest cached prefix. vLLM v1 has it on by
+    # default (conf/scheduler/vllm_v1.yaml sets true); off here for the other policies.
+    prefix_caching: bool = False
 
 
 @dataclass
@@ -64,7 +69,8 @@ class WorkloadConf:
     name: str = "???"
     num_requests: int = 300
     arrival: str = "poisson"          # poisson | gamma | static | trace
-    qps: float = 2.0                  # poisson/gamma rate, requests per second (whole deployment)
+    qps: float = 2.0                  # poisson/gamma rate, requests per second (whole deployment;
+    #                                   prefix=sessions: new sessions per second)
     cv: float = 1.0                   # gamma: coefficient of variation of inter-arrival times
     trace_time_scale: float = 1.0     # trace arrivals: multiply recorded times (0.5 = twice as fast)
     lengths: str = "trace"            # trace | fixed | uniform | zipf
@@ -76,11 +82,31 @@ class WorkloadConf:
     zipf_theta: float = 0.6           # zipf exponent over total length
     prefill_decode_ratio: float = 8.0  # uniform/zipf: how the total splits into prompt : output
     max_request_tokens: int = 0       # clip prompt+output; 0 = the model's max_position
+    # Prefix structure (what prefix caching can reuse; traces: their prefix_hashes column):
+    #   none: no shared prefixes; shared: every prompt starts with one of num_system_prompts
+    #   system prompts; tree: a system prompt, then one path down a tree of tree_depth levels,
+    #   tree_branching children per node, tree_segment_tokens each (agents sharing tool/task
+    #   context); sessions: multi-turn chats - each turn's prompt is the system prompt, every
+    #   earlier question and answer, and a new question; the next turn is sent think_time_s
+    #   (exponential mean) after the answer. The lengths above give each request's own part
+    #   (sessions: each turn's question and answer); prompt = shared prefix + own part.
+    prefix: str = "none"              # none | shared | tree | sessions
+    system_prompt_tokens: int = 0     # shared/tree/sessions: tokens of the system prompt
+    num_system_prompts: int = 1       # shared: distinct system prompts (one drawn per request)
+    tree_depth: int = 2               # tree: levels below the system prompt
+    tree_branching: int = 4           # tree: children per node (drawn uniformly per request)
+    tree_segment_tokens: int = 256    # tree: tokens per tree level
+    turns: int = 5                    # sessions: turns per session; num_requests counts turns
+    think_time_s: float = 10.0        # sessions: mean pause between an answer and the next turn
 
 
 @dataclass
 class RouterConf:
-    name: str = "round_robin"         # random | round_robin | least_outstanding
+    name: str = "round_robin"         # random | round_robin | least_outstanding | prefix_affinity
+    # prefix_affinity: the replica caching the longest prefix among those with at most this
+    # many outstanding requests above the least-loaded one. A modelling choice (llm-d weighs a
+    # prefix scorer against load scorers instead; SGLang's router uses such a threshold).
+    max_imbalance: int = 16
 
 
 @dataclass

@@ -9,12 +9,13 @@ from dataclasses import dataclass, field
 from omegaconf import DictConfig, OmegaConf
 
 from conf import ConfigError, shapes, to_hw, to_model
-from sim.config import MIXED_ATTENTION, QUANTILES, EngineConf, SchedulerConf, WorkloadConf
+from sim.config import MIXED_ATTENTION, QUANTILES, EngineConf, RouterConf, SchedulerConf, WorkloadConf
 from sim.costs import BatchCost
 from sim.engine import Engine, Replica
 from sim.router import ROUTERS
 from sim.memory import MemoryPlan, memory_plan
-from sim.metrics import Metrics
+from sim.metrics import Metrics, prefix_stats, replica_rows
+from sim.prefix_cache import PrefixCache
 from sim.schedulers import SCHEDULERS
 from sim.schedulers.common import Blocks
 from sim import workload as workloads
@@ -25,10 +26,12 @@ class SimResult:
     summary: dict[str, float]
     requests: object = None            # pandas DataFrame per request, when sim.keep_requests
     memory: MemoryPlan | None = None
-    timeline: list = field(default_factory=list)   # (t_s, replica, kv_used_frac, batch, running, waiting)
+    timeline: list = field(default_factory=list)   # (t_s, replica, kv_used_frac, batch, running, waiting,
+    #                                                 kv_cached_frac, prefix_hit_rate so far)
     trace: list = field(default_factory=list)      # (replica, stage, start_s, dur_s, kind, batch, tokens)
     op_source: str = ""
     band: dict | None = None           # metric -> (p10, p50, p90) when run with sim.band
+    replicas: list = field(default_factory=list)   # per replica: requests, KV use, prefix cache
 
 
 def _validate(cfg: DictConfig) -> None:
@@ -46,6 +49,11 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError(f"scheduler.watermark={sc.watermark} must be in [0, 1)")
     if cfg.parallel.replicas < 1:
         raise ConfigError(f"parallel.replicas={cfg.parallel.replicas} must be >= 1")
+    if cfg.router.name == "prefix_affinity" and not sc.get("prefix_caching", False):
+        raise ConfigError("router.name=prefix_affinity routes by cached prefixes; it needs "
+                          "scheduler.prefix_caching=true")
+    if cfg.router.get("max_imbalance", 0) < 0:
+        raise ConfigError(f"router.max_imbalance={cfg.router.max_imbalance} must be >= 0")
     workloads.validate(wl)
 
 
@@ -144,7 +152,8 @@ def simulate(cfg: DictConfig, op_times=None, *, outputs: bool | None = None) -> 
                           f"{plan.num_blocks} KV blocks minus the watermark cannot hold one "
                           f"{longest}-token request")
     wl = WorkloadConf(**OmegaConf.to_container(cfg.workload, resolve=True))
-    stream = workloads.requests(wl, int(cfg.seed), longest, cfg.sim.data_dir)   # checks the trace
+    stream = workloads.requests(wl, int(cfg.seed), longest, cfg.sim.data_dir,   # checks the trace
+                                sc.block_size)
     if op_times is None:
         op_times = load_op_times_for(cfg)
     elif getattr(op_times, "tp", tp) != tp or getattr(getattr(op_times, "model", model), "name", model.name) != model.name:
@@ -161,10 +170,12 @@ def simulate(cfg: DictConfig, op_times=None, *, outputs: bool | None = None) -> 
     for i in range(n_rep * lay.dp):
         cost = BatchCost(op_times, model, pp, engine=engine, interconnect=hw.interconnect,
                          graphs=hw.device == "cuda")
-        blocks = Blocks(plan.num_blocks, sc.block_size, sc.watermark)
+        blocks = (PrefixCache if sched_conf.prefix_caching else Blocks)(plan.num_blocks, sc.block_size,
+                                                                         sc.watermark)
         replicas.append(Replica(i, SCHEDULERS[sc.name](sched_conf), blocks, cost, pp))
+    router_conf = RouterConf(**OmegaConf.to_container(cfg.router, resolve=True))
     loop = Engine(replicas, cfg.router.name, int(cfg.seed), metrics, cfg.sim.fast_forward,
-                  trace, cfg.sim.max_trace_events, timeline)
+                  trace, cfg.sim.max_trace_events, timeline, router_conf)
     t_loop = time.perf_counter()
     end_s = loop.run(stream)
     loop_s = time.perf_counter() - t_loop
@@ -180,10 +191,11 @@ def simulate(cfg: DictConfig, op_times=None, *, outputs: bool | None = None) -> 
     # what the layout buys in memory (the search explains its winner with these)
     summary["kv_capacity_tokens"] = float(plan.num_tokens * lay.dp)     # per replica, all DP ranks
     summary["weight_gib_per_gpu"] = plan.weight_bytes / 2 ** 30
+    summary.update(prefix_stats([r.blocks for r in replicas]))
     summary["wall_s"] = time.perf_counter() - wall0
     summary["loop_wall_s"] = loop_s
     result = SimResult(summary, requests, plan, timeline or [], trace or [],
-                       getattr(op_times, "source", ""))
+                       getattr(op_times, "source", ""), replicas=replica_rows(replicas, end_s))
     if writing and cfg.sim.out_dir:
         from sim.outputs import write_outputs
         write_outputs(result, cfg)

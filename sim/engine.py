@@ -1,11 +1,15 @@
 """The event loop: arrivals, a global router, replicas with a scheduler, a KV block manager
-and pipeline stages; one event per batch (per pipeline stage hand-off at pp > 1).
+(with prefix caching: sim.prefix_cache) and pipeline stages; one event per batch (per pipeline
+stage hand-off at pp > 1). A request that belongs to a multi-turn session brings its session's
+next turn when it completes (sim.workload.Session): that turn arrives after the think time.
 
 Steady decode stretches (``stable_decode`` schedulers - ``stable_while_waiting`` ones, or
 nothing waiting -, a decode-only batch of every running request, no preemption) run as one event covering k iterations, where k stops at the first
 iteration that ends at/after the next arrival, at the first request completion, or before the
-KV blocks for the next token run out. Each iteration's time is still computed one by one in
-the same order, so per-request results are bit-identical to ``sim.fast_forward=false``.
+KV blocks for the next token run out - and, with multi-turn sessions on several replicas, at
+the first that ends at/after another replica's next batch completion (a completion there can
+send a session's next turn here). Each iteration's time is still computed one by one in the
+same order, so per-request results are bit-identical to ``sim.fast_forward=false``.
 """
 from __future__ import annotations
 
@@ -14,37 +18,47 @@ import math
 import random
 from collections import deque
 
-from sim.router import ROUTERS
+from sim.router import ROUTERS, RouterState
 from sim.schedulers.common import Blocks
 
 # Event kinds and their payloads:
 #   ARRIVAL     a Request from the workload stream (the next one is pulled when it is handled)
+#   NEXT_TURN   a Request of a session's next turn (sent when the previous turn completed)
 #   BATCH_DONE  (replica, batch, steps, first_end_s): a batch (or a fast-forwarded stretch of
 #               `steps` decode iterations, the first ending at first_end_s) has finished
 #   STAGE_FREE  replica: its first pipeline stage can take the next batch (pp > 1)
 #   WAKE        replica: schedule it once every arrival of this instant has been routed
 # The heap orders events by (time, rank, push order): at one instant arrivals come first, then
 # batch completions and stage hand-offs (one rank, in push order), then wake-ups.
-ARRIVAL, BATCH_DONE, STAGE_FREE, WAKE = range(4)
-_RANK = (0, 1, 1, 2)
+ARRIVAL, BATCH_DONE, STAGE_FREE, WAKE, NEXT_TURN = range(5)
+_RANK = (0, 1, 1, 2, 0)
 INF = math.inf
 
 
 class Request:
+    """One request's progress. ``hashes``: content keys of its full KV blocks that other
+    requests may share (chained from the start; None: nothing shared); ``keys``/``num_keyed``:
+    the cached blocks it holds and how many of its blocks were offered to the cache (prefix
+    caching only); ``session``: the multi-turn session it belongs to, or None."""
+
     __slots__ = ("id", "arrival_s", "prompt", "output", "prefill_target", "prefilled", "decoded",
                  "kv", "blocks", "first_sched_s", "first_token_s", "last_token_s", "preemptions",
-                 "busy", "replica", "done")
+                 "busy", "replica", "done", "hashes", "keys", "num_keyed", "cached_tokens", "session")
 
-    def __init__(self, rid: int, arrival_s: float, prompt: int, output: int):
+    def __init__(self, rid: int, arrival_s: float, prompt: int, output: int, hashes=None,
+                 session=None):
         self.id, self.arrival_s, self.prompt, self.output = rid, arrival_s, prompt, output
         self.prefill_target, self.prefilled, self.decoded, self.kv, self.blocks = prompt, 0, 0, 0, 0
         self.first_sched_s = self.first_token_s = self.last_token_s = -1.0
         self.preemptions, self.busy, self.replica, self.done = 0, False, -1, False
+        self.hashes, self.keys, self.num_keyed, self.cached_tokens = hashes, (), 0, 0
+        self.session = session
 
 
 class Replica:
     def __init__(self, idx: int, scheduler, blocks: Blocks, cost, pp: int):
         self.idx, self.scheduler, self.blocks, self.cost, self.pp = idx, scheduler, blocks, cost, pp
+        self.caching = blocks.caching     # a PrefixCache: cache what prefill chunks fill
         self.running: list = []
         self.waiting: deque = deque()
         self.stage_free_at = [0.0] * pp
@@ -52,6 +66,8 @@ class Replica:
         self.in_flight = 0
         self.wake_pending = False
         self.outstanding = 0
+        self.routed = 0
+        self.done_at = math.inf   # end of its batch in flight (pp = 1)
         self.kv_area = 0.0        # integral of used blocks over time
         self.kv_changed_at = 0.0
         self.peak_blocks = 0
@@ -67,16 +83,20 @@ class Replica:
 
 class Engine:
     def __init__(self, replicas: list[Replica], router: str, seed: int, metrics, fast_forward: bool,
-                 trace: list | None = None, max_trace_events: int = 0, timeline: list | None = None):
+                 trace: list | None = None, max_trace_events: int = 0, timeline: list | None = None,
+                 router_conf=None):
         self.replicas, self.metrics = replicas, metrics
         self.route = ROUTERS[router]
-        self.router_rng, self.router_state = random.Random(seed * 2 + 3), [0]
+        self.router_state = RouterState(random.Random(seed * 2 + 3), router_conf)
         self.fast_forward = fast_forward
         self.trace, self.max_trace_events = trace, max_trace_events
         self.timeline, self.timeline_stride, self._tick = timeline, 1, 0
         self.heap: list = []
         self.seq = 0
-        self.next_arrival_s = INF
+        self.next_arrival_s = INF     # the earliest pending arrival (stream or next turn)
+        self.stream_next_s = INF      # the stream's pending arrival
+        self.turns_due: list = []     # arrival times of pending next turns (a heap)
+        self.turn_bound = False       # sessions on several replicas: see the module docstring
 
     # --- events ---------------------------------------------------------------------------
     def push(self, t: float, kind: int, payload) -> None:
@@ -88,12 +108,15 @@ class Engine:
         self.arrivals = iter(arrivals)
         self.next_id = 0
         self._pull_arrival()
+        first = self.heap[0][4] if self.heap else None     # a stream of sessions, or none
+        self.turn_bound = len(self.replicas) > 1 and first is not None and first.session is not None
         now = 0.0
         heap, pop = self.heap, heapq.heappop
         while heap:
             now, _, _, kind, payload = pop(heap)
             if kind == BATCH_DONE:
                 replica, batch, steps, first_end = payload
+                replica.done_at = INF
                 self.finish(replica, batch, steps, first_end, now)
                 self.start(replica, now)
             elif kind == ARRIVAL:
@@ -102,9 +125,13 @@ class Engine:
             elif kind == STAGE_FREE:
                 payload.stage0_busy = False
                 self.start(payload, now)
-            else:   # WAKE
+            elif kind == WAKE:
                 payload.wake_pending = False
                 self.start(payload, now)
+            else:   # NEXT_TURN
+                heapq.heappop(self.turns_due)
+                self.next_arrival_s = min(self.stream_next_s, self.turns_due[0] if self.turns_due else INF)
+                self._route(payload, now)
         for r in self.replicas:
             r.note_kv(now)
         return now
@@ -112,19 +139,31 @@ class Engine:
     def _pull_arrival(self, now: float = 0.0) -> None:
         """Queue the stream's next request (one pending arrival at a time keeps memory flat)."""
         nxt = next(self.arrivals, None)
+        self.stream_next_s = self.next_arrival_s = INF if nxt is None else nxt[0]
+        if self.turns_due and self.turns_due[0] < self.next_arrival_s:
+            self.next_arrival_s = self.turns_due[0]
         if nxt is None:
-            self.next_arrival_s = INF
             return
         if nxt[0] < now:
             raise ValueError("arrivals must be in time order")
         self.push(nxt[0], ARRIVAL, Request(self.next_id, *nxt))
         self.next_id += 1
-        self.next_arrival_s = nxt[0]
+
+    def _next_turn(self, req: Request, now: float) -> None:
+        """Queue the next turn of req's session (sent once req's answer is complete)."""
+        nxt = req.session.next_turn(now)
+        if nxt is None:
+            return
+        self.push(nxt[0], NEXT_TURN, Request(self.next_id, *nxt))
+        self.next_id += 1
+        heapq.heappush(self.turns_due, nxt[0])
+        self.next_arrival_s = min(self.next_arrival_s, nxt[0])
 
     def _route(self, req: Request, now: float) -> None:
-        replica = self.route(self.replicas, self.router_rng, self.router_state)
+        replica = self.route(self.replicas, req, self.router_state)
         req.replica = replica.idx
         replica.outstanding += 1
+        replica.routed += 1
         replica.waiting.append(req)
         if not replica.stage0_busy and not replica.wake_pending:
             replica.wake_pending = True   # after every arrival at this instant
@@ -167,6 +206,8 @@ class Engine:
                 self._trace(rep, 0, now, dt, "decode", b, 0)
             first_end = end
             nxt_s = self.next_arrival_s
+            if self.turn_bound:
+                nxt_s = min(nxt_s, min(o.done_at for o in self.replicas if o is not rep))
             if (cap > 1 and end < nxt_s and self.fast_forward and b == len(rep.running)
                     and rep.scheduler.stable_decode and rep.blocks.preemptions == preempted_before
                     and (rep.scheduler.stable_while_waiting or not rep.waiting)):
@@ -198,8 +239,12 @@ class Engine:
                     rep.note_kv(now)
             rep.stage0_busy = True
             self.push(end, BATCH_DONE, (rep, batch, steps, first_end))
+            if self.turn_bound:
+                rep.done_at = end
             self._sample(rep, now, b)
             return
+        if rep.caching and prefills:
+            rep.blocks.commit(batch)
         num_tokens, pre, sampled, pairs = len(decodes), [], len(decodes), 0
         for r, n in prefills:
             kv_after = r.kv + n
@@ -235,6 +280,8 @@ class Engine:
             rep.in_flight += 1
         rep.stage0_busy = True
         self.push(t, BATCH_DONE, (rep, batch, 1, t))
+        if self.turn_bound:
+            rep.done_at = t
         self._sample(rep, now, len(prefills) + len(decodes))
 
     def _block_cap(self, rep: Replica, decodes: list, cap: int) -> int:
@@ -296,6 +343,8 @@ class Engine:
                     rep.blocks.release(r)
                     rep.outstanding -= 1
                     m.complete(r, now)
+                    if r.session is not None:
+                        self._next_turn(r, now)
                 else:
                     keep.append(r)
             rep.running[:] = keep
@@ -314,8 +363,10 @@ class Engine:
         if self._tick % self.timeline_stride:
             return
         b = rep.blocks
+        queries = getattr(b, "query_tokens", 0)     # prefix cache: blocks cached, hit rate so far
         tl.append((now, rep.idx, (b.capacity - b.free) / b.capacity, batch_size, len(rep.running),
-                   len(rep.waiting)))
+                   len(rep.waiting), getattr(b, "cached", 0) / b.capacity,
+                   b.hit_tokens / queries if queries else 0.0))
         if len(tl) >= 20000:   # keep memory bounded: halve the resolution
             del tl[1::2]
             self.timeline_stride *= 2

@@ -6,6 +6,12 @@ tokens - 1)), e2e_s, norm_e2e_s (e2e / output tokens), sched_delay_s (arrival ->
 scheduled). Per token: itl_s, the gap between consecutive output tokens of one request
 (TBT). Stats: mean, p50, p90, p99; means are exact, percentiles are exact when requests are
 kept and within 1.2 % (histogram bin width) otherwise.
+
+Prefix caching (per replica in ``replica_rows``, summed in the summary): prefix_hit_rate
+(cached prompt tokens / prompt tokens, over first admissions, as vLLM counts its hit rate),
+prefix_block_hit_rate (the same in full blocks), prefill_tokens_saved (prompt tokens not
+computed, every admission incl. a preempted request's return), kv_evictions (cached blocks
+overwritten); all 0 without caching. Per request: num_cached_tokens (vLLM's name).
 """
 from __future__ import annotations
 
@@ -17,7 +23,9 @@ import numpy as np
 REQUEST_METRICS = ("ttft_s", "tpot_s", "itl_s", "e2e_s", "norm_e2e_s", "sched_delay_s")
 STATS = ("mean", "p50", "p90", "p99")
 COLUMNS = ("request_id", "replica", "arrived_at_s", "num_prefill_tokens", "num_decode_tokens",
-           "first_scheduled_s", "first_token_s", "completed_at_s", "num_preemptions", "num_generated_tokens")
+           "first_scheduled_s", "first_token_s", "completed_at_s", "num_preemptions", "num_generated_tokens",
+           "num_cached_tokens")
+PREFIX_KEYS = ("prefix_hit_rate", "prefix_block_hit_rate", "prefill_tokens_saved", "kv_evictions")
 
 
 class LogHistogram:
@@ -150,6 +158,7 @@ class Metrics:
             c["completed_at_s"].append(now)
             c["num_preemptions"].append(r.preemptions)
             c["num_generated_tokens"].append(r.decoded)
+            c["num_cached_tokens"].append(r.cached_tokens)
 
     def requests_frame(self):
         """Per-request DataFrame sorted by request id (None when requests are not kept)."""
@@ -158,7 +167,7 @@ class Metrics:
         import pandas as pd
         df = pd.DataFrame({c: np.frombuffer(self.cols[c], dtype=np.float64) for c in COLUMNS})
         for c in ("request_id", "replica", "num_prefill_tokens", "num_decode_tokens", "num_preemptions",
-                  "num_generated_tokens"):
+                  "num_generated_tokens", "num_cached_tokens"):
             df[c] = df[c].astype(np.int64)
         df["ttft_s"] = df.first_token_s - df.arrived_at_s
         df["e2e_s"] = df.completed_at_s - df.arrived_at_s
@@ -189,3 +198,26 @@ class Metrics:
         out["batch_size_mean"] = self.batch_size_sum / self.iterations if self.iterations else math.nan
         out["num_iterations"] = float(self.iterations)
         return out
+
+
+def prefix_stats(caches: list) -> dict[str, float]:
+    """The PREFIX_KEYS figures over these replicas' block managers (0 without caching)."""
+    def total(name: str) -> int:
+        return sum(getattr(c, name, 0) for c in caches)
+    queries, query_blocks = total("query_tokens"), total("query_blocks")
+    return {"prefix_hit_rate": total("hit_tokens") / queries if queries else 0.0,
+            "prefix_block_hit_rate": total("hit_blocks") / query_blocks if query_blocks else 0.0,
+            "prefill_tokens_saved": float(total("saved_tokens")),
+            "kv_evictions": float(total("evictions"))}
+
+
+def replica_rows(replicas: list, end_s: float) -> list[dict]:
+    """One row per replica: requests routed to it, KV use (time-weighted mean, peak) and its
+    prefix cache figures."""
+    rows = []
+    for r in replicas:
+        cap = r.blocks.capacity
+        rows.append({"replica": r.idx, "num_requests": r.routed,
+                     "kv_util_mean": r.kv_area / (cap * end_s) if end_s > 0 else math.nan,
+                     "kv_util_peak": r.peak_blocks / cap, **prefix_stats([r.blocks])})
+    return rows

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from conf.files import atomic_write, write_text
 
-from sim.metrics import REQUEST_METRICS, STATS
+from sim.metrics import PREFIX_KEYS, REQUEST_METRICS, STATS
 
 
 def summary_table(summary: dict, band: dict | None = None) -> str:
@@ -21,10 +21,11 @@ def summary_table(summary: dict, band: dict | None = None) -> str:
     for m in REQUEST_METRICS:
         lines.append(f"{m:<16}" + "".join(f"{summary[f'{m}_{s}']:>12.4f}" for s in STATS))
     rest = ("num_requests", "num_preemptions", "throughput_rps", "throughput_tok_s", "batch_size_mean",
-            "kv_util_mean", "kv_util_peak", "mfu", "mbu", "sim_time_s", "wall_s")
+            "kv_util_mean", "kv_util_peak", *PREFIX_KEYS, "mfu", "mbu", "sim_time_s", "wall_s")
     lines.append("")
     for k in rest:
-        lines.append(f"{k:<20}{summary[k]:>14.4f}")
+        if k in summary:
+            lines.append(f"{k:<22}{summary[k]:>14.4f}")
     if band:
         lines.append("")
         lines.append(f"{'band (op times)':<20}{'p10':>12}{'p50':>12}{'p90':>12}")
@@ -56,6 +57,8 @@ def write_outputs(result, cfg) -> dict[str, Path]:
     summary = dict(result.summary)
     if result.band:
         summary["band"] = {k: list(v) for k, v in result.band.items()}
+    if result.replicas:
+        summary["replicas"] = result.replicas
     paths["summary"] = write_text(out / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
     # The same run in `vllm bench serve`'s result schema, for tooling that reads vLLM's JSON.
     from sim.vllm_bench import from_simulation
@@ -65,7 +68,8 @@ def write_outputs(result, cfg) -> dict[str, Path]:
         paths["requests"] = atomic_write(out / "requests.parquet",
                                     lambda tmp: result.requests.to_parquet(tmp, index=False))
     timeline = pd.DataFrame(result.timeline, columns=["time_s", "replica", "kv_util", "batch_size",
-                                                       "num_running", "num_waiting"])
+                                                       "num_running", "num_waiting", "kv_cached",
+                                                       "prefix_hit_rate"])
     paths["timeline"] = atomic_write(out / "timeline.parquet", lambda tmp: timeline.to_parquet(tmp, index=False))
     if cfg.sim.trace and result.trace:
         doc = perfetto_events(result.trace, cfg.parallel.pp)
@@ -93,15 +97,18 @@ def plot(result, timeline, out: Path) -> dict[str, Path]:
         paths["cdf"] = atomic_write(out / "cdf.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
         plt.close(fig)
     if len(timeline):
-        fig, axes = plt.subplots(3, 1, figsize=(10, 7), sharex=True)
+        caching = bool((timeline.kv_cached > 0).any())     # prefix caching: two more panels
+        panels = [("kv_util", "KV cache used"), ("batch_size", "batch size"), ("num_waiting", "waiting requests")]
+        if caching:
+            panels += [("kv_cached", "KV blocks cached"), ("prefix_hit_rate", "prefix hit rate so far")]
+        fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.3 * len(panels)), sharex=True)
         for rep, g in timeline.groupby("replica"):
-            axes[0].plot(g.time_s, g.kv_util, lw=0.8, drawstyle="steps-post", label=f"replica {rep}")
-            axes[1].plot(g.time_s, g.batch_size, lw=0.8, drawstyle="steps-post")
-            axes[2].plot(g.time_s, g.num_waiting, lw=0.8, drawstyle="steps-post")
-        for ax, lab in zip(axes, ("KV cache used", "batch size", "waiting requests")):
+            for ax, (col, _) in zip(axes, panels):
+                ax.plot(g.time_s, g[col], lw=0.8, drawstyle="steps-post", label=f"replica {rep}")
+        for ax, (_, lab) in zip(axes, panels):
             ax.set_ylabel(lab)
             ax.grid(alpha=0.3)
-        axes[2].set_xlabel("time (s)")
+        axes[-1].set_xlabel("time (s)")
         if timeline.replica.nunique() <= 8:
             axes[0].legend(fontsize=7)
         fig.tight_layout()

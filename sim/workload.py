@@ -1,10 +1,19 @@
 """Request streams: arrival times and prompt/output lengths, generated lazily and seedably.
 
-``requests(wl, seed, max_request_tokens, data_dir)`` yields ``(arrived_at_s, prefill_tokens,
-decode_tokens)`` in arrival order, so a million-request run never holds them all. Lengths are
-clipped so prompt + output <= ``max_request_tokens`` (the longer side is shortened; each keeps
-at least half of the limit if it asked for that much), as a server with that ``max_model_len``
-would need.
+``requests(wl, seed, max_request_tokens, data_dir, block_size)`` yields ``(arrived_at_s,
+prefill_tokens, decode_tokens)`` in arrival order, so a million-request run never holds them
+all. Lengths are clipped so prompt + output <= ``max_request_tokens`` (the longer side is
+shortened; each keeps at least half of the limit if it asked for that much), as a server with
+that ``max_model_len`` would need.
+
+Prefix structure (``workload.prefix``, or a trace's ``prefix_hashes`` column) adds a fourth
+item: the content keys of the prompt's full KV blocks (of ``block_size`` tokens) that other
+requests can share, chained from the start (equal key at block i <=> equal first i+1 blocks),
+never token lists. Synthetic keys are ``segment << 24 | block``: a segment is a run of tokens
+shared as a whole (a system prompt, a tree node, a session's conversation), and a block's key
+is that of the segment holding its last token - chained because a segment implies the ones
+before it. Sessions yield their first turn with a fifth item, the ``Session``, which makes
+each next turn when the engine reports the previous one complete.
 """
 from __future__ import annotations
 
@@ -17,9 +26,11 @@ from typing import Iterator
 import numpy as np
 
 from conf import ConfigError
-from sim.config import ARRIVALS, LENGTHS
+from sim.config import ARRIVALS, LENGTHS, PREFIXES
 
 REPO = Path(__file__).resolve().parents[1]
+KEY_BITS = 24            # synthetic keys: segment << KEY_BITS | block index (< 16M blocks)
+MAX_SPLIT = 1 << 20      # largest trace hash block / simulator block ratio (keys stay distinct)
 
 
 def resolve_data_dir(data_dir: str) -> Path:
@@ -34,8 +45,10 @@ def trace_path(trace: str, data_dir: str) -> Path:
     return resolve_data_dir(data_dir) / "traces" / f"{trace}.parquet"
 
 
-def load_trace(trace: str, data_dir: str, need_arrivals: bool) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
-    """(arrived_at_s or None, prefill tokens, decode tokens) of a trace parquet."""
+def load_trace(trace: str, data_dir: str, need_arrivals: bool, block_size: int = 16
+               ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, list | None]:
+    """(arrived_at_s or None, prefill tokens, decode tokens, per-row block keys or None) of a
+    trace parquet; block keys come from its ``prefix_hashes`` column (see ``block_keys``)."""
     import pyarrow.parquet as pq
     if not trace:
         raise ConfigError("workload.lengths=trace needs workload.trace=<name in data/traces or a .parquet path>")
@@ -58,7 +71,51 @@ def load_trace(trace: str, data_dir: str, need_arrivals: bool) -> tuple[np.ndarr
         if np.isnan(arrivals).any():
             raise ConfigError(f"trace {path} has no arrival times (NaN arrived_at_s); "
                               f"use workload.arrival=poisson")
-    return arrivals, prefill, decode
+    keys = None
+    if "prefix_hashes" in cols:
+        keys = _trace_keys(path, table, prefill, block_size)
+    return arrivals, prefill, decode, keys
+
+
+def _trace_keys(path: Path, table, prefill: np.ndarray, block_size: int) -> list:
+    """Per-row simulator block keys from a trace's prefix_hashes (one id per full block of
+    ``hash_block_tokens`` tokens, in the file's ``opcast`` metadata), checked row by row."""
+    import json
+    meta = json.loads((table.schema.metadata or {}).get(b"opcast", b"{}"))
+    hash_block = meta.get("hash_block_tokens")
+    if not isinstance(hash_block, int) or hash_block < 1:
+        raise ConfigError(f"trace {path} has prefix_hashes but no hash_block_tokens (>= 1) in its "
+                          f"'opcast' metadata; got {hash_block!r}")
+    rows = table["prefix_hashes"].to_pylist()
+    for row, (ids, tokens) in enumerate(zip(rows, prefill.tolist())):
+        if tokens < 1:
+            raise ConfigError(f"trace {path} row {row}: empty prompt (num_prefill_tokens={tokens})")
+        if ids is None:
+            raise ConfigError(f"trace {path} row {row}: prefix_hashes is missing (null)")
+        if len(ids) != tokens // hash_block:
+            raise ConfigError(f"trace {path} row {row}: {len(ids)} prefix_hashes for a {tokens}-token "
+                              f"prompt, which has {tokens // hash_block} full {hash_block}-token blocks")
+        if None in ids:
+            raise ConfigError(f"trace {path} row {row}: prefix_hashes has a missing id (null) at "
+                              f"block {ids.index(None)}")
+    return [block_keys(ids, hash_block, block_size) for ids in rows]
+
+
+def block_keys(hashes: list, hash_block_tokens: int, block_size: int) -> list:
+    """Keys of the simulator's full blocks from chained ids of ``hash_block_tokens``-token
+    blocks. Larger simulator blocks take the id of the last hash block inside them; smaller
+    ones split a hash block (id * k + part); a simulator block inside the prompt's partial
+    last hash block gets no key (its content is unknown here), so it is never shared."""
+    if hash_block_tokens == block_size:
+        return list(hashes)
+    if block_size % hash_block_tokens == 0:
+        k = block_size // hash_block_tokens
+        return list(hashes[k - 1::k])
+    if hash_block_tokens % block_size == 0 and hash_block_tokens // block_size <= MAX_SPLIT:
+        k = hash_block_tokens // block_size
+        return [h * k + j for h in hashes for j in range(k)]
+    raise ConfigError(f"trace hash blocks of {hash_block_tokens} tokens and scheduler.block_size="
+                      f"{block_size}: one must divide the other")
 
 
 def validate(wl) -> None:
@@ -79,6 +136,20 @@ def validate(wl) -> None:
                           f"need 2 <= min_tokens <= max_tokens")
     if wl.lengths == "fixed" and (wl.prefill_tokens < 1 or wl.decode_tokens < 1):
         raise ConfigError("workload.prefill_tokens and decode_tokens must be >= 1")
+    if wl.prefix not in PREFIXES:
+        raise ConfigError(f"workload.prefix={wl.prefix!r}; choose one of {list(PREFIXES)}")
+    if wl.prefix == "none":
+        return
+    for name, low in (("system_prompt_tokens", 0), ("num_system_prompts", 1), ("tree_depth", 1),
+                      ("tree_branching", 1), ("tree_segment_tokens", 1), ("turns", 1)):
+        if getattr(wl, name) < low:
+            raise ConfigError(f"workload.{name}={getattr(wl, name)} must be >= {low}")
+    if wl.think_time_s < 0:
+        raise ConfigError(f"workload.think_time_s={wl.think_time_s} must be >= 0")
+    if wl.arrival == "trace":
+        raise ConfigError(f"workload.prefix={wl.prefix} builds prompts around drawn lengths; a trace "
+                          f"replay (arrival=trace) keeps its own (its prefix_hashes carry the sharing): "
+                          f"use workload.prefix=none")
 
 
 def _arrival_times(wl, rng: random.Random, trace_arrivals) -> Iterator[float]:
@@ -106,7 +177,9 @@ def _arrival_times(wl, rng: random.Random, trace_arrivals) -> Iterator[float]:
             offset += span
 
 
-def _lengths(wl, rng: random.Random, trace_prefill, trace_decode, in_order: bool) -> Iterator[tuple[int, int]]:
+def _lengths(wl, rng: random.Random, trace_prefill, trace_decode, in_order: bool,
+             trace_keys=None) -> Iterator[tuple]:
+    """(prefill, decode) per request; trace rows with block keys: (prefill, decode, keys)."""
     if wl.lengths == "fixed":
         while True:
             yield wl.prefill_tokens, wl.decode_tokens
@@ -117,7 +190,7 @@ def _lengths(wl, rng: random.Random, trace_prefill, trace_decode, in_order: bool
         while True:
             j = i % n if in_order else rng.randrange(n)
             i += 1
-            yield pre[j], dec[j]
+            yield (pre[j], dec[j]) if trace_keys is None else (pre[j], dec[j], trace_keys[j])
     ratio = wl.prefill_decode_ratio
     if wl.lengths == "uniform":
         draw = lambda: rng.randint(wl.min_tokens, wl.max_tokens)  # noqa: E731
@@ -135,23 +208,44 @@ def _lengths(wl, rng: random.Random, trace_prefill, trace_decode, in_order: bool
         yield max(1, total - decode), decode
 
 
-def requests(wl, seed: int, max_request_tokens: int, data_dir: str = "data") -> Iterator[tuple[float, int, int]]:
-    """``wl.num_requests`` (arrived_at_s, prefill_tokens, decode_tokens), arrival-ordered, as a
-    lazy iterator; config and trace errors are raised here, before anything is generated."""
+def requests(wl, seed: int, max_request_tokens: int, data_dir: str = "data",
+             block_size: int = 16) -> Iterator[tuple]:
+    """``wl.num_requests`` (arrived_at_s, prefill_tokens, decode_tokens[, block keys[, session]]),
+    arrival-ordered, as a lazy iterator (sessions: their first turns; the engine asks each
+    Session for the next); config and trace errors are raised here, before anything is
+    generated - except a session longer than the context, found when it is drawn."""
     validate(wl)
-    trace_arrivals = trace_prefill = trace_decode = None
+    trace_arrivals = trace_prefill = trace_decode = trace_keys = None
     if wl.lengths == "trace":
-        trace_arrivals, trace_prefill, trace_decode = load_trace(wl.trace, data_dir, wl.arrival == "trace")
+        trace_arrivals, trace_prefill, trace_decode, trace_keys = load_trace(
+            wl.trace, data_dir, wl.arrival == "trace", block_size)
     if max_request_tokens < 2:
         raise ConfigError(f"max_request_tokens={max_request_tokens} must be >= 2")
     arrival_rng, length_rng = random.Random(seed * 2 + 1), random.Random(seed * 2 + 2)
+    prefix_rng = random.Random(f"prefix:{seed}")     # its own stream: lengths stay as without
     arrivals = _arrival_times(wl, arrival_rng, trace_arrivals)
-    lengths = _lengths(wl, length_rng, trace_prefill, trace_decode, in_order=wl.arrival == "trace")
+    keyed = trace_keys if wl.prefix == "none" else None
+    lengths = _lengths(wl, length_rng, trace_prefill, trace_decode, wl.arrival == "trace", keyed)
+    if wl.prefix == "sessions":
+        return _sessions(wl, arrivals, lengths, max_request_tokens, block_size, prefix_rng)
+    if wl.prefix in ("shared", "tree"):
+        prefixes = (_shared_prefixes if wl.prefix == "shared" else _tree_prefixes)(wl, prefix_rng, block_size)
+        return _stream_keyed(wl.num_requests, arrivals, lengths, max_request_tokens, block_size, prefixes)
+    if keyed is not None:
+        return _stream_keyed(wl.num_requests, arrivals, lengths, max_request_tokens, block_size)
     return _stream(wl.num_requests, arrivals, lengths, max_request_tokens)
 
 
+def _clip(prefill: int, decode: int, max_request_tokens: int) -> tuple[int, int]:
+    prefill, decode = max(1, int(prefill)), max(1, int(decode))
+    if prefill + decode > max_request_tokens:
+        prefill = min(prefill, max_request_tokens - min(decode, max_request_tokens // 2))
+        decode = min(decode, max_request_tokens - prefill)
+    return prefill, decode
+
+
 def _stream(num_requests, arrivals, lengths, max_request_tokens):
-    for _ in range(num_requests):
+    for _ in range(num_requests):      # (_clip inlined: this is every plain request's path)
         t = next(arrivals)
         prefill, decode = next(lengths)
         prefill, decode = max(1, int(prefill)), max(1, int(decode))
@@ -159,6 +253,127 @@ def _stream(num_requests, arrivals, lengths, max_request_tokens):
             prefill = min(prefill, max_request_tokens - min(decode, max_request_tokens // 2))
             decode = min(decode, max_request_tokens - prefill)
         yield t, prefill, decode
+
+
+def _stream_keyed(num_requests, arrivals, lengths, max_request_tokens, block_size, prefixes=None):
+    """Requests with block keys: from trace rows (prefixes None) or a shared prefix each
+    (prefixes yields (prefix tokens, keys); the drawn prompt length comes after it)."""
+    for _ in range(num_requests):
+        t = next(arrivals)
+        if prefixes is None:
+            prefill, decode, keys = next(lengths)
+        else:
+            own, decode = next(lengths)
+            prefix, keys = next(prefixes)
+            prefill = prefix + max(1, int(own))
+        prefill, decode = _clip(prefill, decode, max_request_tokens)
+        if len(keys) > prefill // block_size:       # clipped into the shared part
+            keys = keys[:prefill // block_size]
+        yield t, prefill, decode, keys
+
+
+def _segment_keys(segment: int, first_block: int, end_block: int) -> list[int]:
+    base = segment << KEY_BITS
+    return list(range(base + first_block, base + end_block))
+
+
+def _system_prompts(wl, block_size: int) -> list[list[int]]:
+    """Block keys of each system prompt (segments 1..num_system_prompts)."""
+    n = wl.num_system_prompts if wl.prefix in ("shared", "sessions") else 1
+    return [_segment_keys(1 + j, 0, wl.system_prompt_tokens // block_size) for j in range(n)]
+
+
+def _shared_prefixes(wl, rng: random.Random, block_size: int):
+    """Every request starts with one of the system prompts, drawn uniformly."""
+    prompts = _system_prompts(wl, block_size)
+    while True:
+        yield wl.system_prompt_tokens, prompts[rng.randrange(len(prompts))] if len(prompts) > 1 else prompts[0]
+
+
+def _tree_prefixes(wl, rng: random.Random, block_size: int):
+    """The system prompt, then one path down a tree (a child drawn uniformly per level) of
+    tree_segment_tokens per level: requests share the prefix down to where their paths part."""
+    sys_tokens, depth, branching, seg = (wl.system_prompt_tokens, wl.tree_depth, wl.tree_branching,
+                                         wl.tree_segment_tokens)
+    total = sys_tokens + depth * seg
+    first_node = [2]                     # segment id of level l's first node (1: the system prompt)
+    for level in range(1, depth):
+        first_node.append(first_node[-1] + branching ** level)
+    paths: dict = {}
+    while True:
+        path = tuple(rng.randrange(branching) for _ in range(depth))
+        keys = paths.get(path)
+        if keys is None:
+            keys = []
+            for i in range(total // block_size):
+                last = (i + 1) * block_size - 1          # the block's last token names its segment
+                if last < sys_tokens:
+                    segment = 1
+                else:
+                    level = (last - sys_tokens) // seg   # 0-based level below the system prompt
+                    node = 0
+                    for choice in path[:level + 1]:
+                        node = node * branching + choice
+                    segment = first_node[level] + node
+                keys.append(segment << KEY_BITS | i)
+            paths[path] = keys
+        yield total, keys
+
+
+class Session:
+    """A multi-turn chat. Turn k's prompt is the system prompt, every earlier question and
+    answer, and question k; its blocks are keyed by the conversation (segment ``1 +
+    num_system_prompts + id``, the system prompt's own keys below it), so each turn can reuse
+    the blocks of the turns before it, answers included, as vLLM caches generated tokens too.
+    ``turns``: [(question tokens, answer tokens, think time after the answer s)]."""
+
+    __slots__ = ("base", "block_size", "context", "id", "k", "sys_keys", "turns")
+
+    def __init__(self, sid: int, sys_tokens: int, sys_keys: list, segment: int, turns: list,
+                 block_size: int):
+        self.id, self.sys_keys, self.base, self.turns = sid, sys_keys, segment << KEY_BITS, turns
+        self.k, self.context, self.block_size = 0, sys_tokens, block_size
+
+    def turn(self, arrival_s: float) -> tuple:
+        """The request of the current turn, arriving at arrival_s."""
+        question, answer, _ = self.turns[self.k]
+        prompt = self.context + question
+        n = (prompt + answer) // self.block_size
+        m = min(n, len(self.sys_keys))
+        keys = self.sys_keys[:m] + list(range(self.base + m, self.base + n))
+        return arrival_s, prompt, answer, keys, self
+
+    def next_turn(self, done_s: float) -> tuple | None:
+        """The next turn once the current one completed at done_s, or None at the end."""
+        question, answer, think_s = self.turns[self.k]
+        self.context += question + answer
+        self.k += 1
+        return self.turn(done_s + think_s) if self.k < len(self.turns) else None
+
+
+def _sessions(wl, arrivals, lengths, max_request_tokens: int, block_size: int, rng: random.Random):
+    """First turns of ceil(num_requests / turns) sessions (the last one may be shorter); each
+    session's questions and answers are drawn from the lengths when it starts."""
+    prompts = _system_prompts(wl, block_size)
+    left, sid = wl.num_requests, 0
+    while left > 0:
+        t = next(arrivals)
+        turns = []
+        for _ in range(min(wl.turns, left)):
+            question, answer = next(lengths)
+            think = rng.expovariate(1.0 / wl.think_time_s) if wl.think_time_s > 0 else 0.0
+            turns.append((max(1, int(question)), max(1, int(answer)), think))
+        left -= len(turns)
+        sys_keys = prompts[rng.randrange(len(prompts))] if len(prompts) > 1 else prompts[0]
+        total = wl.system_prompt_tokens + sum(q + a for q, a, _ in turns)
+        if total > max_request_tokens:
+            raise ConfigError(
+                f"workload session {sid}: its {len(turns)} turns reach {total} tokens (system prompt "
+                f"{wl.system_prompt_tokens} + questions + answers), {total - max_request_tokens} more "
+                f"than the {max_request_tokens}-token context; lower workload.turns or the lengths")
+        yield Session(sid, wl.system_prompt_tokens, sys_keys, 1 + len(prompts) + sid, turns,
+                      block_size).turn(t)
+        sid += 1
 
 
 def mean_gap_s(wl) -> float:

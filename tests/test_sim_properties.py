@@ -1,4 +1,5 @@
-"""Simulator invariants over random workloads and deployments (hypothesis)."""
+"""Simulator invariants over random workloads and deployments (hypothesis), prefix caching and
+prefix-structured workloads included."""
 import copy
 
 import numpy as np
@@ -10,6 +11,8 @@ import sim
 from conf import to_hw, to_model
 from estimator.runtime import load_op_times
 from sim import workload as workloads
+from sim.engine import Engine
+from sim.prefix_cache import PrefixCache
 from sim.schedulers import SCHEDULERS
 
 MAX_LEN = 256
@@ -29,10 +32,12 @@ deployments = st.fixed_dictionaries({
     "scheduler.chunk_size": st.sampled_from([16, 64, 512]),
     "scheduler.block_size": st.sampled_from([4, 16]),
     "scheduler.watermark": st.sampled_from([0.0, 0.01, 0.1]),
+    "scheduler.prefix_caching": st.booleans(),
     "sim.num_gpu_blocks_override": st.integers(80, 400),  # small: forces preemption
     "parallel.pp": st.sampled_from([1, 1, 2, 3]),
     "parallel.replicas": st.integers(1, 3),
-    "router.name": st.sampled_from(["random", "round_robin", "least_outstanding"]),
+    "router.name": st.sampled_from(["random", "round_robin", "least_outstanding", "prefix_affinity"]),
+    "router.max_imbalance": st.sampled_from([0, 4, 100]),
     "workload.num_requests": st.integers(1, 40),
     "workload.arrival": st.sampled_from(["poisson", "gamma", "static"]),
     "workload.qps": st.sampled_from([0.5, 5.0, 100.0]),
@@ -43,6 +48,14 @@ deployments = st.fixed_dictionaries({
     "workload.min_tokens": st.integers(2, 20),
     "workload.max_tokens": st.integers(20, MAX_LEN),
     "workload.prefill_decode_ratio": st.sampled_from([0.5, 4.0]),
+    "workload.prefix": st.sampled_from(["none", "none", "shared", "tree", "sessions"]),
+    "workload.system_prompt_tokens": st.integers(0, 96),
+    "workload.num_system_prompts": st.integers(1, 3),
+    "workload.tree_depth": st.integers(1, 3),
+    "workload.tree_branching": st.integers(1, 3),
+    "workload.tree_segment_tokens": st.sampled_from([16, 40]),
+    "workload.turns": st.integers(1, 4),
+    "workload.think_time_s": st.sampled_from([0.0, 0.3]),
     "seed": st.integers(0, 2 ** 16),
 })
 
@@ -51,26 +64,61 @@ def configure(base_cfg, params):
     cfg = copy.deepcopy(base_cfg)
     for k, v in params.items():
         OmegaConf.update(cfg, k, v)
+    if cfg.router.name == "prefix_affinity":       # it routes by the replicas' caches
+        OmegaConf.update(cfg, "scheduler.prefix_caching", True)
+    if cfg.workload.prefix == "sessions":          # whole sessions must fit MAX_LEN
+        OmegaConf.update(cfg, "workload.lengths", "fixed")
+        OmegaConf.update(cfg, "workload.prefill_tokens", min(cfg.workload.prefill_tokens, 24))
+        OmegaConf.update(cfg, "workload.decode_tokens", min(cfg.workload.decode_tokens, 16))
     return cfg
 
 
 def requested(cfg):
-    return list(workloads.requests(cfg.workload, cfg.seed, MAX_LEN, cfg.sim.data_dir))
+    return list(workloads.requests(cfg.workload, cfg.seed, MAX_LEN, cfg.sim.data_dir,
+                                   cfg.scheduler.block_size))
+
+
+def audit(rep) -> None:
+    """The KV block manager's books: blocks in use (cached or not) + free = capacity, each cached
+    block's reference count = the running requests holding it, free cached blocks are queued."""
+    b = rep.blocks
+    if not isinstance(b, PrefixCache):
+        assert sum(r.blocks for r in rep.running) + b.free == b.capacity
+        return
+    held: dict = {}
+    for r in rep.running:
+        for k in r.keys:
+            held[k] = held.get(k, 0) + 1
+    assert {k: c for k, c in b.ref.items() if c} == held
+    queued = [k for k, run in b.queue.items() if run is None]
+    assert all(b.ref[k] == 0 for k in queued) and len(queued) == sum(c == 0 for c in b.ref.values())
+    assert b.fresh + len(queued) + sum(run for run in b.queue.values() if run) == b.free
+    unkeyed = sum(r.blocks - len(r.keys) for r in rep.running)
+    assert len(held) + unkeyed + b.free == b.capacity          # cached + used never exceed capacity
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(params=deployments)
-def test_invariants(base, params):
+def test_invariants(base, params, monkeypatch):
     cfg = configure(base[0], params)
+    start = Engine.start
+
+    def audited_start(self, rep, now):
+        start(self, rep, now)
+        audit(rep)
+    monkeypatch.setattr(Engine, "start", audited_start)
     res = sim.simulate(cfg, op_times=base[1])
+    monkeypatch.undo()
     df = res.requests
     want = requested(cfg)
+    n = cfg.workload.num_requests
     # every request completes exactly once, with the tokens it asked for
-    assert sorted(df.request_id) == list(range(len(want)))
-    assert df.num_prefill_tokens.tolist() == [p for _, p, _ in want]
-    assert df.num_decode_tokens.tolist() == [d for _, _, d in want]
+    assert sorted(df.request_id) == list(range(n)) and res.summary["num_requests"] == n
     assert (df.num_generated_tokens == df.num_decode_tokens).all()
-    assert np.allclose(df.arrived_at_s, [t for t, _, _ in want])
+    if cfg.workload.prefix != "sessions":      # (sessions: later turns are made as they go)
+        assert df.num_prefill_tokens.tolist() == [w[1] for w in want]
+        assert df.num_decode_tokens.tolist() == [w[2] for w in want]
+        assert np.allclose(df.arrived_at_s, [w[0] for w in want])
     # timestamps are ordered and the KV cache never overflowed
     assert (df.arrived_at_s <= df.first_scheduled_s).all()
     assert (df.first_scheduled_s < df.first_token_s).all()
@@ -78,9 +126,20 @@ def test_invariants(base, params):
     assert (df.ttft_s <= df.e2e_s).all()
     assert 0 < res.summary["kv_util_peak"] <= 1
     assert res.summary["num_preemptions"] == df.num_preemptions.sum()
-    assert res.summary["num_requests"] == len(want)
     if cfg.scheduler.name in ("orca", "faster_transformer", "lightllm"):
         assert res.summary["num_preemptions"] == 0     # they reserve KV for the whole output
+    # prefix caching: nothing cached without it; a prompt never reuses its last token
+    assert (df.num_cached_tokens <= df.num_prefill_tokens - 1).all()
+    if not cfg.scheduler.prefix_caching:
+        assert (df.num_cached_tokens == 0).all() and res.summary["prefix_hit_rate"] == 0
+    elif (cfg.workload.prefix == "shared" and cfg.workload.num_system_prompts == 1
+          and res.summary["kv_evictions"] == 0):
+        # one system prompt, nothing evicted: every request after a replica's first reuses it
+        bs, sys_blocks = cfg.scheduler.block_size, cfg.workload.system_prompt_tokens // cfg.scheduler.block_size
+        order = df.sort_values(["replica", "first_scheduled_s", "request_id"])
+        later = order[order.replica.duplicated()]
+        full = np.minimum(sys_blocks, (later.num_prefill_tokens - 1) // bs) * bs
+        assert (later.num_cached_tokens == full).all()
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

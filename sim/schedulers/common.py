@@ -33,6 +33,7 @@ class Blocks:
     """Paged KV cache of one replica: a free-block count and each request's ``blocks``."""
 
     __slots__ = ("capacity", "free", "block_size", "watermark", "preemptions")
+    caching = False          # sim.prefix_cache.PrefixCache: True (lookup, admit, commit)
 
     def __init__(self, capacity: int, block_size: int, watermark: float):
         self.capacity, self.free, self.block_size = capacity, capacity, block_size
@@ -163,25 +164,35 @@ def admit_waiting(running: list, waiting: deque, blocks: Blocks, budget: int, ma
 
     chunked: the first chunk may be cut to the budget (else the whole prompt must fit it);
     reserve: RESERVE_*; use_watermark: keep the watermark free (else any free block will do);
-    accept(request, tokens): a policy's last say (called only when all else fits)."""
+    accept(request, tokens): a policy's last say (called only when all else fits). With prefix
+    caching a request starts on its cached blocks and only the rest of its prompt is prefilled
+    (and counted against the budget)."""
     prefills = []
-    bs = blocks.block_size
+    bs, caching = blocks.block_size, blocks.caching
+    hit = hit_free = 0
     while waiting and budget > 0 and len(running) < max_num_seqs:
         r = waiting[0]
-        left = r.prefill_target - r.prefilled
+        if caching:
+            hit, hit_free = blocks.lookup(r)  # prefix-cached blocks it starts on
+        cached = hit * bs
+        left = r.prefill_target - r.prefilled - cached
         if left > budget and not chunked:
             break
         n = min(left, budget)
-        hold = r.kv + (n if reserve == RESERVE_CHUNK else left)
+        hold = r.kv + cached + (n if reserve == RESERVE_CHUNK else left)
         if reserve == RESERVE_OUTPUT:
             hold += r.output - r.decoded - 1
-        nb = max(0, -(-hold // bs) - r.blocks)
+        new = max(0, -(-hold // bs) - r.blocks - hit)
+        nb = new + hit_free                   # reusing a free cached block takes it too
         if not (blocks.can_admit(nb) if use_watermark else nb <= blocks.free):
             break
         if accept is not None and not accept(r, n):
             break
         waiting.popleft()
-        blocks.allocate(r, nb)
+        if caching:
+            blocks.admit(r, hit, new, n)
+        else:
+            blocks.allocate(r, new)
         running.append(r)
         prefills.append((r, n))
         budget -= n

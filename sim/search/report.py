@@ -16,7 +16,7 @@ from sim.search.capacity import mean_ci95, violation
 
 # Latency columns always reported at capacity (besides the SLO's own and the Pareto metric).
 REPORTED_METRICS = ("ttft_s_p90", "itl_s_p99", "tpot_s_p50", "e2e_s_p90", "kv_capacity_tokens",
-                    "weight_gib_per_gpu")
+                    "weight_gib_per_gpu", "prefix_hit_rate")
 # What makes two candidates different deployments (not just scheduler knobs).
 LAYOUT_COLUMNS = ("tp", "pp", "ep", "dp_attention", "weight_dtype", "kv_dtype")
 STATUS_ORDER = {"ok": 0, "no_qps_meets_slo": 1, "pruned": 2, "skipped": 3}

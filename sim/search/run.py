@@ -64,6 +64,8 @@ class SearchConf:
     kv_dtype: list = field(default_factory=lambda: [""])
     schedulers: list = field(default_factory=lambda: ["vllm", "orca", "sarathi"])
     knobs: dict = field(default_factory=dict)        # scheduler name -> {knob: [values]}
+    routers: list = field(default_factory=list)      # [] = the config's router; else each one
+    prefix_caching: list = field(default_factory=list)   # [] = each scheduler's own; [true, false]
     seeds: list = field(default_factory=lambda: [0, 1, 2])
     num_requests: int = 300          # requests per probe
     rel_tol: float = 0.05            # bisection stops when hi/lo <= 1 + rel_tol

@@ -1,7 +1,10 @@
 """The deployment configurations a search visits, from the ``search`` node of conf/search.yaml.
 
 A candidate is one hardware SKU, one parallel layout with as many replicas as the GPU budget
-holds, one storage precision and one scheduler with one value per knob. Layouts are tp x pp
+holds, one storage precision and one scheduler with one value per knob, and - when
+``search.routers`` / ``search.prefix_caching`` list several - one router and prefix caching on
+or off (so a search can compare cache-aware routing and caching for a workload with shared
+prefixes). Layouts are tp x pp
 and, for mixture-of-experts models, x ep x dp_attention (conf/shapes.py Layout: a replica is
 tp x pp GPUs, or ep GPUs of dp_attention ranks); dense models only take ep=1 without DP
 attention. Splits that cannot run are recorded with the reason (budget not divisible, heads
@@ -36,6 +39,8 @@ class Candidate:
     dp_attention: bool = False
     weight_dtype: str = ""     # "" = the model's
     kv_dtype: str = ""
+    router: str = ""           # "": the config's router
+    prefix_caching: bool | None = None   # None: the scheduler config's own setting
 
     @property
     def width(self) -> int:
@@ -52,13 +57,19 @@ class Candidate:
         replicas = f"x{self.replicas}" if self.replicas else "x-"   # x- : the split misses the budget
         sparse = (f" ep{self.ep}" if self.ep > 1 else "") + (" dp-attn" if self.dp_attention else "")
         dtypes = "".join(f" {name}:{v}" for name, v in (("w", self.weight_dtype), ("kv", self.kv_dtype)) if v)
-        return f"{self.hw} tp{self.tp} pp{self.pp}{sparse}{dtypes} {replicas} {self.scheduler} {knobs}".strip()
+        extra = [self.router] if self.router else []
+        if self.prefix_caching is not None:
+            extra.append("prefix-cache" if self.prefix_caching else "no-prefix-cache")
+        return " ".join([f"{self.hw} tp{self.tp} pp{self.pp}{sparse}{dtypes} {replicas} {self.scheduler} "
+                         f"{knobs}".strip(), *extra])
 
     def columns(self) -> dict:
         return dict(config=self.label, hw=self.hw, tp=self.tp, pp=self.pp, ep=self.ep,
                     dp_attention=self.dp_attention, weight_dtype=self.weight_dtype,
                     kv_dtype=self.kv_dtype, replicas=self.replicas, gpus=self.gpus,
-                    scheduler=self.scheduler, knobs=json.dumps(dict(self.knobs), sort_keys=True))
+                    scheduler=self.scheduler, knobs=json.dumps(dict(self.knobs), sort_keys=True),
+                    router=self.router,
+                    prefix_caching="" if self.prefix_caching is None else str(self.prefix_caching).lower())
 
 
 @dataclass
@@ -109,7 +120,7 @@ def group_nodes(cfg: DictConfig, group: str, names: list[str]) -> dict[str, Dict
 
 
 def sim_config(cfg: DictConfig, hw_node: DictConfig, sched_node: DictConfig,
-               cand: Candidate) -> DictConfig:
+               cand: Candidate, router_node: DictConfig | None = None) -> DictConfig:
     """The simulator's config for one candidate: the search config minus its own keys."""
     data = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
             if k not in SEARCH_ONLY_KEYS}
@@ -121,7 +132,11 @@ def sim_config(cfg: DictConfig, hw_node: DictConfig, sched_node: DictConfig,
                               f"{cand.scheduler!r} has no knob {knob!r}; its knobs: "
                               f"{sorted(sched)}")
         sched[knob] = value
+    if cand.prefix_caching is not None:
+        sched["prefix_caching"] = cand.prefix_caching
     data["scheduler"] = sched
+    if router_node is not None:
+        data["router"] = OmegaConf.to_container(router_node, resolve=True)
     data["parallel"] = {**data.get("parallel", {}), "tp": cand.tp, "pp": cand.pp,
                         "replicas": cand.replicas, "ep": cand.ep, "dp_attention": cand.dp_attention}
     for field in ("weight_dtype", "kv_dtype"):
@@ -216,18 +231,29 @@ def enumerate_space(cfg: DictConfig, fits=None) -> tuple[list[tuple[Candidate, D
     knobs = OmegaConf.to_container(space.get("knobs") or {}, resolve=True)
     moe = shapes.is_moe(to_model(cfg.model))
     dtypes = list(itertools.product(*(_as_list(space.get(f, [""]), f) for f in ("weight_dtype", "kv_dtype"))))
+    routers = [str(r) for r in space.get("routers") or []]
+    router_nodes = group_nodes(cfg, "router", routers)
+    caching = list(space.get("prefix_caching") or []) or [None]
+    if any(c is not None and not isinstance(c, bool) for c in caching):
+        raise ConfigError(f"search.prefix_caching={caching}: give true and/or false")
     runnable, skipped = [], []
     for hw in hw_nodes:
         for (tp, pp, ep, dp, replicas, reason), (wdt, kvdt) in itertools.product(
                 parallel_splits(space, budget, moe, str(cfg.parallel.get("all2all_backend", ""))), dtypes):
             for sched in schedulers:
-                for knob_values in knob_grid(knobs.get(sched) or {}):
+                for knob_values, router, cache in itertools.product(knob_grid(knobs.get(sched) or {}),
+                                                                     routers or [""], caching):
                     cand = Candidate(hw, tp, pp, replicas, sched, knob_values, ep, dp, str(wdt or ""),
-                                     str(kvdt or ""))
+                                     str(kvdt or ""), router, cache)
                     if reason:
                         skipped.append(Skipped(cand, reason))
                         continue
-                    sim_cfg = sim_config(cfg, hw_nodes[hw], sched_nodes[sched], cand)
+                    on = sched_nodes[sched].get("prefix_caching", False) if cache is None else cache
+                    if (router or cfg.router.name) == "prefix_affinity" and not on:
+                        skipped.append(Skipped(cand, "router prefix_affinity needs prefix caching"))
+                        continue
+                    sim_cfg = sim_config(cfg, hw_nodes[hw], sched_nodes[sched], cand,
+                                         router_nodes.get(router))
                     try:
                         if fits is not None:
                             fits(sim_cfg)
