@@ -45,10 +45,15 @@ def trace_path(trace: str, data_dir: str) -> Path:
     return resolve_data_dir(data_dir) / "traces" / f"{trace}.parquet"
 
 
-def load_trace(trace: str, data_dir: str, need_arrivals: bool, block_size: int = 16
-               ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, list | None]:
-    """(arrived_at_s or None, prefill tokens, decode tokens, per-row block keys or None) of a
-    trace parquet; block keys come from its ``prefix_hashes`` column (see ``block_keys``)."""
+def load_trace(trace: str, data_dir: str, need_arrivals: bool) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """(arrived_at_s or None, prefill tokens, decode tokens) of a trace parquet."""
+    return load_trace_keyed(trace, data_dir, need_arrivals)[:3]
+
+
+def load_trace_keyed(trace: str, data_dir: str, need_arrivals: bool, block_size: int = 16
+                     ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, list | None]:
+    """``load_trace`` and the per-row block keys (None without a ``prefix_hashes`` column; see
+    ``block_keys``), checked row by row."""
     import pyarrow.parquet as pq
     if not trace:
         raise ConfigError("workload.lengths=trace needs workload.trace=<name in data/traces or a .parquet path>")
@@ -217,7 +222,7 @@ def requests(wl, seed: int, max_request_tokens: int, data_dir: str = "data",
     validate(wl)
     trace_arrivals = trace_prefill = trace_decode = trace_keys = None
     if wl.lengths == "trace":
-        trace_arrivals, trace_prefill, trace_decode, trace_keys = load_trace(
+        trace_arrivals, trace_prefill, trace_decode, trace_keys = load_trace_keyed(
             wl.trace, data_dir, wl.arrival == "trace", block_size)
     if max_request_tokens < 2:
         raise ConfigError(f"max_request_tokens={max_request_tokens} must be >= 2")

@@ -338,3 +338,14 @@ def test_search_ranks_caching_and_routing_on_a_multi_turn_workload(tmp_path):
     assert on.prefix_hit_rate_at_capacity > 0.5 and off.prefix_hit_rate_at_capacity == 0
     assert on.capacity_qps_mean > off.capacity_qps_mean     # shorter prefills: more sessions/s in the SLO
     assert ranked.loc["a100 tp1 pp1 x2 vllm_v1 prefix_affinity no-prefix-cache"].status == "skipped"
+
+
+def test_a_trace_imported_with_token_ids_shares_its_real_prefixes(sharegpt, op_times, tmp_path):
+    """The trace importer's prefix_hashes (profiler.import_traces, llmservingsim format) drive
+    the cache: with the requests spaced out, each reuses exactly its shared token prefix."""
+    from profiler.import_traces import import_trace
+    path = import_trace(FIX / "sharegpt_llama_shared.jsonl", "sg", tmp_path, fmt="llmservingsim")
+    cfg = sim.compose(["workload=fidelity_trace", f"workload.trace={path}", "workload.num_requests=26",
+                       "workload.trace_time_scale=1000"])      # seconds apart: nothing overlaps
+    res = sim.simulate(cfg, op_times=op_times)
+    assert res.requests.num_cached_tokens.tolist() == expected_cached_tokens(sharegpt, 16)
