@@ -10,12 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from hydra.core.config_store import ConfigStore
-
 import conf
 
 ARRIVALS = ("poisson", "gamma", "static", "trace")
 LENGTHS = ("trace", "fixed", "uniform", "zipf")
+TOO_LONG = ("clip", "error")
 QUANTILES = ("p10", "p50", "p90")
 MIXED_ATTENTION = ("one_call", "split")
 
@@ -76,6 +75,10 @@ class WorkloadConf:
     zipf_theta: float = 0.6           # zipf exponent over total length
     prefill_decode_ratio: float = 8.0  # uniform/zipf: how the total splits into prompt : output
     max_request_tokens: int = 0       # clip prompt+output; 0 = the model's max_position
+    # A request longer than max_request_tokens (prompt + output): "clip" shortens it (the longer
+    # side first) and the run reports how many were clipped; "error" refuses the run before it
+    # starts, as a server with that max_model_len refuses such requests.
+    too_long: str = "clip"
 
 
 @dataclass
@@ -112,10 +115,12 @@ class SimConf:
     # vllm_result.json (written beside summary.json, `vllm bench serve --save-result` schema):
     # include the per-request lists as --save-detailed does (needs keep_requests).
     vllm_detailed: bool = True
+    progress: bool = True             # progress bar with ETA on stderr for runs longer than ~2 s
 
 
 def register() -> None:
     """Register the shared and the simulator schemas; idempotent."""
+    from hydra.core.config_store import ConfigStore   # here: importing hydra costs 0.1 s
     conf.register()
     cs = ConfigStore.instance()
     cs.store(group="scheduler", name="scheduler_schema", node=SchedulerConf)
@@ -129,3 +134,6 @@ def compose(overrides: Sequence[str] = ()):
     """The composed ``conf/sim.yaml`` with ``overrides`` (what ``python -m sim.run`` would see)."""
     register()
     return conf.compose("sim", overrides)
+
+
+conf.add_registrar(register)

@@ -1,10 +1,11 @@
 """Request streams: arrival times and prompt/output lengths, generated lazily and seedably.
 
 ``requests(wl, seed, max_request_tokens, data_dir)`` yields ``(arrived_at_s, prefill_tokens,
-decode_tokens)`` in arrival order, so a million-request run never holds them all. Lengths are
-clipped so prompt + output <= ``max_request_tokens`` (the longer side is shortened; each keeps
-at least half of the limit if it asked for that much), as a server with that ``max_model_len``
-would need.
+decode_tokens)`` in arrival order, so a million-request run never holds them all. A request
+longer than ``max_request_tokens`` (prompt + output) is, per ``workload.too_long``, clipped (the
+longer side is shortened; each keeps at least half of the limit if it asked for that much;
+counted in ``counts["clipped"]``) or refused before the run starts ("error"), as a server with
+that ``max_model_len`` would refuse it.
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from typing import Iterator
 
 import numpy as np
 
-from conf import ConfigError
-from sim.config import ARRIVALS, LENGTHS
+from conf import ConfigError, warn_once
+from sim.config import ARRIVALS, LENGTHS, TOO_LONG
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,22 +44,39 @@ def load_trace(trace: str, data_dir: str, need_arrivals: bool) -> tuple[np.ndarr
     if not path.exists():
         avail = sorted(p.stem for p in path.parent.glob("*.parquet")) if path.parent.exists() else []
         raise ConfigError(f"trace file {path} not found; available traces: {avail or 'none'}")
-    table = pq.read_table(path)
+    try:   # ParquetFile, not read_table: that imports pyarrow.dataset (0.15 s) for nothing
+        table = pq.ParquetFile(path).read()
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        raise ConfigError(f"trace {path} is not a readable parquet file "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     cols = set(table.column_names)
     missing = {"num_prefill_tokens", "num_decode_tokens"} - cols
     if missing:
         raise ConfigError(f"trace {path} lacks columns {sorted(missing)}")
-    prefill = table["num_prefill_tokens"].to_numpy().astype(np.int64)
-    decode = table["num_decode_tokens"].to_numpy().astype(np.int64)
+    prefill = column(table, "num_prefill_tokens", np.int64)
+    decode = column(table, "num_decode_tokens", np.int64)
     arrivals = None
     if need_arrivals:
         if "arrived_at_s" not in cols:
             raise ConfigError(f"trace {path} has no arrived_at_s column; use workload.arrival=poisson")
-        arrivals = table["arrived_at_s"].to_numpy(zero_copy_only=False).astype(np.float64)
+        arrivals = column(table, "arrived_at_s", np.float64)
         if np.isnan(arrivals).any():
             raise ConfigError(f"trace {path} has no arrival times (NaN arrived_at_s); "
                               f"use workload.arrival=poisson")
     return arrivals, prefill, decode
+
+
+def column(table, name: str, dtype) -> np.ndarray:
+    """A numeric parquet column as numpy. pyarrow's to_numpy imports pandas (0.15 s), so
+    null-free chunks are read from their buffers; nulls (None) become NaN via to_numpy."""
+    import pyarrow as pa
+    col, want = table[name], pa.from_numpy_dtype(np.dtype(dtype))
+    if col.type != want:
+        col = col.cast(want)          # imports pyarrow.compute (0.05 s): only when needed
+    if col.null_count:
+        return col.to_numpy().astype(dtype)
+    parts = [np.frombuffer(c.buffers()[1], dtype=dtype)[c.offset:c.offset + len(c)] for c in col.chunks]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
 def validate(wl) -> None:
@@ -66,6 +84,8 @@ def validate(wl) -> None:
         raise ConfigError(f"workload.arrival={wl.arrival!r}; choose one of {list(ARRIVALS)}")
     if wl.lengths not in LENGTHS:
         raise ConfigError(f"workload.lengths={wl.lengths!r}; choose one of {list(LENGTHS)}")
+    if wl.too_long not in TOO_LONG:
+        raise ConfigError(f"workload.too_long={wl.too_long!r}; choose one of {list(TOO_LONG)}")
     if wl.num_requests < 1:
         raise ConfigError(f"workload.num_requests={wl.num_requests} must be >= 1")
     if wl.arrival in ("poisson", "gamma") and not wl.qps > 0:
@@ -135,22 +155,49 @@ def _lengths(wl, rng: random.Random, trace_prefill, trace_decode, in_order: bool
         yield max(1, total - decode), decode
 
 
-def requests(wl, seed: int, max_request_tokens: int, data_dir: str = "data") -> Iterator[tuple[float, int, int]]:
+def requests(wl, seed: int, max_request_tokens: int, data_dir: str = "data",
+             counts: dict | None = None) -> Iterator[tuple[float, int, int]]:
     """``wl.num_requests`` (arrived_at_s, prefill_tokens, decode_tokens), arrival-ordered, as a
-    lazy iterator; config and trace errors are raised here, before anything is generated."""
+    lazy iterator; config and trace errors are raised here, before anything is generated.
+    ``counts["clipped"]`` (when given) counts the requests clipped to ``max_request_tokens``."""
     validate(wl)
     trace_arrivals = trace_prefill = trace_decode = None
     if wl.lengths == "trace":
         trace_arrivals, trace_prefill, trace_decode = load_trace(wl.trace, data_dir, wl.arrival == "trace")
     if max_request_tokens < 2:
         raise ConfigError(f"max_request_tokens={max_request_tokens} must be >= 2")
+    if wl.too_long == "error":
+        _refuse_too_long(wl, max_request_tokens, trace_prefill, trace_decode)
+    if wl.arrival == "trace" and wl.num_requests > len(trace_prefill):
+        passes = -(-wl.num_requests // len(trace_prefill))
+        warn_once(("cycled", wl.trace, wl.num_requests),
+                  f"workload: trace {wl.trace} has {len(trace_prefill)} rows; workload.num_requests="
+                  f"{wl.num_requests} replays it {passes} times, each pass shifted by the trace's span", "sim")
     arrival_rng, length_rng = random.Random(seed * 2 + 1), random.Random(seed * 2 + 2)
     arrivals = _arrival_times(wl, arrival_rng, trace_arrivals)
     lengths = _lengths(wl, length_rng, trace_prefill, trace_decode, in_order=wl.arrival == "trace")
-    return _stream(wl.num_requests, arrivals, lengths, max_request_tokens)
+    counts = {} if counts is None else counts
+    counts["clipped"] = 0
+    return _stream(wl.num_requests, arrivals, lengths, max_request_tokens, counts)
 
 
-def _stream(num_requests, arrivals, lengths, max_request_tokens):
+def _refuse_too_long(wl, limit: int, trace_prefill, trace_decode) -> None:
+    """workload.too_long=error: ConfigError when any request could exceed ``limit`` tokens."""
+    fix = "lower the lengths, raise workload.max_request_tokens, or set workload.too_long=clip"
+    if wl.lengths == "fixed" and wl.prefill_tokens + wl.decode_tokens > limit:
+        raise ConfigError(f"workload: requests of {wl.prefill_tokens} + {wl.decode_tokens} tokens "
+                          f"exceed the {limit}-token request limit; {fix}")
+    if wl.lengths in ("uniform", "zipf") and wl.max_tokens > limit:
+        raise ConfigError(f"workload.max_tokens={wl.max_tokens} exceeds the {limit}-token request "
+                          f"limit; {fix}")
+    if wl.lengths == "trace":
+        over = int(((trace_prefill + trace_decode) > limit).sum())
+        if over:
+            raise ConfigError(f"workload: {over} of the {len(trace_prefill)} rows of trace {wl.trace} "
+                              f"exceed the {limit}-token request limit; {fix}")
+
+
+def _stream(num_requests, arrivals, lengths, max_request_tokens, counts):
     for _ in range(num_requests):
         t = next(arrivals)
         prefill, decode = next(lengths)
@@ -158,6 +205,7 @@ def _stream(num_requests, arrivals, lengths, max_request_tokens):
         if prefill + decode > max_request_tokens:
             prefill = min(prefill, max_request_tokens - min(decode, max_request_tokens // 2))
             decode = min(decode, max_request_tokens - prefill)
+            counts["clipped"] += 1
         yield t, prefill, decode
 
 

@@ -273,7 +273,6 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    register()
     cli("search", _main)
 
 
