@@ -4,7 +4,7 @@
 so warning about the grid tells a user nothing about their run. Instead OpTimes records the
 largest lookups a run makes (``OpTimes.queried``) and, while tabulating, each family's column
 extents (``recording``); ``warn_outside_trained`` compares both with the trained ranges (the
-model sidecars' ``shape_range``) and warns once per family and process. Columns that follow the
+model sidecars' ``shape_range``) and warns once per family and set of columns in a process. Columns that follow the
 workload (tokens, batch, KV length, message size) are checked on their high side, the ones fixed
 by the model shard (GEMM n/k, widths, heads) on both sides.
 """
@@ -56,8 +56,8 @@ def queried_highs(ot) -> dict[str, dict[str, float]]:
     return out
 
 
-def outside_trained(ot) -> dict[str, list[str]]:
-    """Per family, "column value vs trained [lo, hi]" for every lookup outside the range."""
+def outside_trained(ot) -> dict[str, dict[str, str]]:
+    """Per family, column -> "value vs trained range" for every lookup outside the range."""
     trained = ot.meta.get("trained_range", {})
     tabulated = ot.meta.get("tabulated", {})
     found = {}
@@ -65,22 +65,24 @@ def outside_trained(ot) -> dict[str, list[str]]:
         ranges = trained.get(family)
         if not ranges:
             continue              # roofline family: no range to leave
-        notes = []
+        notes = {}
         for col, (lo, hi) in sorted(ranges.items()):
             if col in highs:
                 if highs[col] > hi:
-                    notes.append(f"{col} up to {highs[col]:g} (trained up to {hi:g})")
+                    notes[col] = f"{col} up to {highs[col]:g} (trained up to {hi:g})"
             elif col in tabulated.get(family, {}):
                 t_lo, t_hi = tabulated[family][col]
                 if t_lo < lo or t_hi > hi:
-                    notes.append(f"{col} {t_lo:g}..{t_hi:g} (trained {lo:g}..{hi:g})")
+                    notes[col] = f"{col} {t_lo:g}..{t_hi:g} (trained {lo:g}..{hi:g})"
         if notes:
             found[family] = notes
     return found
 
 
 def warn_outside_trained(ot) -> None:
+    """One warning per family and set of columns out of range (a later run that leaves the
+    range in another column says so again)."""
     for family, notes in outside_trained(ot).items():
-        warn_once(("outside-trained", ot.hw.name, ot.model.name, family),
-                  f"{family} ({ot.hw.name}): this run looked up {'; '.join(notes)}; predictions there "
-                  f"follow the roofline prior", "estimator")
+        warn_once(("outside-trained", ot.hw.name, ot.model.name, family, tuple(notes)),
+                  f"{family} ({ot.hw.name}): this run looked up {'; '.join(notes.values())}; "
+                  f"predictions there follow the roofline prior", "estimator")

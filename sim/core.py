@@ -218,13 +218,16 @@ def simulate(cfg: DictConfig, op_times=None, *, outputs: bool | None = None) -> 
     return result
 
 
+PROGRESS_DELAY_S = 2.0
+
+
 class Progress:
     """A progress bar with ETA (tqdm, on stderr) over completed requests, for runs that take
-    longer than ``delay_s``: short runs (and the search's probes) print nothing and pay only a
-    counter check per 1024 completions."""
+    longer than PROGRESS_DELAY_S: short runs (and the search's probes) print nothing and pay
+    only a counter check per 1024 completions."""
 
-    def __init__(self, metrics, total: int, enabled: bool = True, delay_s: float = 2.0):
-        self.metrics, self.total, self.enabled, self.delay_s = metrics, total, enabled, delay_s
+    def __init__(self, metrics, total: int, enabled: bool = True):
+        self.metrics, self.total, self.enabled, self.delay_s = metrics, total, enabled, PROGRESS_DELAY_S
         self.bar = None
 
     def __enter__(self):
