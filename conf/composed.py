@@ -101,19 +101,18 @@ def run_cached(config_name: str, overrides: list[str], job: Callable) -> bool:
 
 def save(config_name: str, overrides: list[str], cfg, hydra_cfg) -> None:
     """Keep the composition of a run that needs nothing else from Hydra (see the module doc)."""
-    from omegaconf import OmegaConf
-
     h = hydra_cfg
-    logging_conf = OmegaConf.to_container(h.job_logging, resolve=True)
-    eligible = (enabled() and str(h.mode) in ("RUN", "RunMode.RUN") and not h.job.chdir
-                and h.output_subdir is None and str(h.run.dir) == "." and not h.callbacks
-                and not h.verbose
-                and not any("filename" in hd for hd in logging_conf.get("handlers", {}).values())
-                and not _RESOLVER.search(OmegaConf.to_yaml(cfg)))
-    if not eligible:
+    if not enabled() or str(h.run.dir) != "." or h.output_subdir is not None:
         return
     try:
-        entry = pickle.dumps((_sources(), logging_conf, pickle.dumps(cfg)))
-        write_bytes(cache_dir() / f"{key(config_name, overrides)}.pkl", entry)
-    except (OSError, pickle.PicklingError, TypeError, AttributeError):
-        pass   # an unwritable cache only costs the next run its composition
+        from omegaconf import OmegaConf
+        logging_conf = OmegaConf.to_container(h.job_logging, resolve=True)
+        eligible = (str(h.mode) in ("RUN", "RunMode.RUN") and not h.job.chdir and not h.callbacks
+                    and not h.verbose
+                    and not any("filename" in hd for hd in logging_conf.get("handlers", {}).values())
+                    and not _RESOLVER.search(OmegaConf.to_yaml(cfg)))
+        if eligible:
+            entry = pickle.dumps((_sources(), logging_conf, pickle.dumps(cfg)))
+            write_bytes(cache_dir() / f"{key(config_name, overrides)}.pkl", entry)
+    except Exception:  # noqa: BLE001 - a composition not kept only costs the next run its compose
+        pass

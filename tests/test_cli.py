@@ -40,7 +40,7 @@ def cli(tmp_path, module: str, *args, timeout: float = 300) -> subprocess.Comple
 @pytest.fixture
 def fresh_warnings(monkeypatch):
     """Warnings said once per process are said again in this test."""
-    monkeypatch.setattr(conf, "_warned", set())
+    monkeypatch.setattr(conf, "_warned", set(), raising=False)
 
 
 # 1 ------------------------------------------------------------------------------------------
@@ -176,7 +176,7 @@ def test_corrupt_parquet_is_one_clear_line(tmp_path):
 def test_long_runs_show_progress_and_a_cycled_trace_is_announced(tmp_path, monkeypatch, capsys, caplog,
                                                                fresh_warnings):
     import sim.core
-    monkeypatch.setattr(sim.core, "PROGRESS_DELAY_S", 0.0)
+    monkeypatch.setattr(sim.core, "PROGRESS_DELAY_S", 0.0, raising=False)
     sim.simulate(sim.compose(["workload=fixed", "workload.num_requests=2100", "workload.qps=50",
                               "workload.prefill_tokens=64", "workload.decode_tokens=4", "model=tiny-llama"]))
     err = capsys.readouterr().err
@@ -348,3 +348,26 @@ def test_pareto_labels_do_not_overprint():
     boxes = [a.get_window_extent(fig.canvas.get_renderer()) for a in placed]
     assert placed and all(not a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     plt.close(fig)
+
+
+# speed: the cached composition behind a 0.4 s `python -m sim.run` must never be stale ---------
+def test_a_cached_composition_is_used_only_while_its_inputs_are_unchanged(tmp_path, monkeypatch):
+    import shutil
+
+    from conf import composed
+    conf_dir = tmp_path / "conf"
+    shutil.copytree(conf.CONF_DIR, conf_dir)
+    monkeypatch.setattr(conf, "CONF_DIR", conf_dir)
+    monkeypatch.setenv("OPCAST_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = sim.compose(["workload.qps=3"])
+    from omegaconf import OmegaConf
+    hydra_cfg = OmegaConf.create({"run": {"dir": "."}, "output_subdir": None, "mode": "RUN", "job": {"chdir": False},
+                                  "callbacks": {}, "verbose": False, "job_logging": {"version": 1}})
+    composed.save("sim", ["workload.qps=3"], cfg, hydra_cfg)
+    seen = []
+    assert composed.run_cached("sim", ["workload.qps=3"], seen.append) and seen[0].workload.qps == 3
+    assert not composed.run_cached("sim", ["workload.qps=4"], seen.append)          # other overrides
+    (conf_dir / "workload" / "splitwise_conv.yaml").write_text(
+        (conf_dir / "workload" / "splitwise_conv.yaml").read_text() + "\n# edited\n")
+    assert not composed.run_cached("sim", ["workload.qps=3"], seen.append)          # a conf file changed
+    assert len(seen) == 1
