@@ -76,8 +76,11 @@ def _sources() -> dict[str, str]:
     out = {}
     for mod in list(sys.modules.values()):
         path = getattr(mod, "__file__", None)
-        if path and Path(path).resolve().is_relative_to(_ROOT) and path.endswith(".py"):
-            out[str(Path(path).resolve())] = _sha(Path(path).read_bytes())
+        if not (isinstance(path, str) and os.path.isabs(path) and path.endswith(".py")):
+            continue          # builtins, extensions, generated modules with a bare file name
+        file = Path(path).resolve()
+        if file.is_relative_to(_ROOT) and file.is_file():
+            out[str(file)] = _sha(file.read_bytes())
     return out
 
 

@@ -362,7 +362,8 @@ def test_a_cached_composition_is_used_only_while_its_inputs_are_unchanged(tmp_pa
     cfg = sim.compose(["workload.qps=3"])
     from omegaconf import OmegaConf
     hydra_cfg = OmegaConf.create({"run": {"dir": "."}, "output_subdir": None, "mode": "RUN", "job": {"chdir": False},
-                                  "callbacks": {}, "verbose": False, "job_logging": {"version": 1}})
+                                  "callbacks": {}, "verbose": False,
+                                  "job_logging": {"version": 1, "disable_existing_loggers": False}})
     composed.save("sim", ["workload.qps=3"], cfg, hydra_cfg)
     seen = []
     assert composed.run_cached("sim", ["workload.qps=3"], seen.append) and seen[0].workload.qps == 3
