@@ -287,28 +287,32 @@ def test_killing_the_search_ends_its_pool_workers(tmp_path):
                 os.kill(pid, signal.SIGKILL)
 
 
-def test_band_is_a_band_over_runs_even_when_a_metric_is_not_monotone(tmp_path):
-    """The shipped a100 predictors' p10/p50/p90 on a KV-starved deployment (600 blocks): the
-    runs preempt at different moments, and TTFT p90 of the p50-ops run exceeds that of the
-    p90-ops run (0.29 s vs 0.26 s when written). The band is over the runs, so low <= p50 <= high
-    for every metric, and the table marks the metric that crossed."""
+def test_band_is_a_band_over_runs_even_when_a_metric_is_not_monotone(monkeypatch):
+    """Runs with p10, p50 and p90 operator times batch, admit and preempt differently, so a
+    metric need not follow the operator times (seen with the shipped a100 predictors: 600 KV
+    blocks, 4 QPS of fixed 512+128 requests gave TTFT p90 of 0.15 / 0.29 / 0.26 s). The three
+    runs' summaries here are made up in that shape; the band must be low <= p50 run <= high over
+    the runs, with the crossing metric marked."""
+    import sim.core
+    import sim.run
+    from sim.core import SimResult
     from sim.outputs import summary_table
-    from sim.run import run
 
-    cfg = sim.compose(["workload=fixed", "workload.num_requests=150", "workload.qps=4", "scheduler=vllm",
-                       "sim.num_gpu_blocks_override=600", "sim.band=true", f"sim.out_dir={tmp_path}",
-                       "sim.plots=false", "sim.trace=false"])
-    res = run(cfg)
-    crossed = [k for k, r in res.band_runs.items()
-               if not (r["p10"] <= r["p50"] <= r["p90"] or r["p10"] >= r["p50"] >= r["p90"])]
-    assert crossed, "no metric crosses any more (predictors retrained?): pick a scenario where one does"
-    for k, (lo, mid, hi) in res.band.items():
-        assert lo <= mid <= hi and mid == res.band_runs[k]["p50"]
-        assert (lo, hi) == (min(res.band_runs[k].values()), max(res.band_runs[k].values()))
-    table = summary_table(res.summary, res.band, res.band_runs)
+    made_up = {"p10": 0.15, "p50": 0.29, "p90": 0.26}       # TTFT p90 per run (s), as seen
+    base = {k: 1.0 for k in sim.run.BAND_METRICS}
+    monkeypatch.setattr(sim.core, "load_op_times_for", lambda cfg, q=None: q)
+    monkeypatch.setattr(sim.run, "simulate", lambda cfg, op_times="p50", outputs=None: SimResult(
+        dict(base, ttft_s_p90=made_up[op_times or "p50"])))
+    res = sim.run.run(sim.compose(["sim.band=true"]))
+    assert res.band["ttft_s_p90"] == (0.15, 0.29, 0.29)
+    assert res.band_runs["ttft_s_p90"] == made_up
+    for lo, mid, hi in res.band.values():
+        assert lo <= mid <= hi
+    table = summary_table(dict(res.summary, **{f"{m}_{s}": 0.0 for m in ("ttft_s", "tpot_s", "itl_s", "e2e_s",
+                                                                           "norm_e2e_s", "sched_delay_s")
+                                               for s in ("mean", "p50", "p90", "p99")}), res.band, res.band_runs)
+    assert next(line for line in table.splitlines() if line.startswith("ttft_s_p90 ")).endswith(" *")
     assert "* not monotone in the operator times" in table
-    assert next(line for line in table.splitlines() if line.startswith(f"{crossed[0]} ")).endswith(" *")
-    assert json.loads((tmp_path / "summary.json").read_text())["band_runs"][crossed[0]] == res.band_runs[crossed[0]]
 
 
 def test_pipeline_stages_say_how_they_split_the_layers(tmp_path):
