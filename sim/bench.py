@@ -35,10 +35,10 @@ SCENARIO = ["hw=a100", "model=llama2-7b", "parallel.tp=1", "parallel.replicas=1"
             "workload=splitwise_conv", "workload.num_requests=1000", "workload.qps=3", "seed=0"]
 
 
-# The reference loop takes 0.072 s on one core of the development box (its CPU time, median of
-# 50 runs; also its fastest wall time there): the 0.5 s target is 6.9 loops.
+# The reference loop takes 0.08 s on one core of the development box (median wall and CPU time
+# of 50 runs at load ~2 on its 2 cores; 0.072-0.081 s over the day): the 0.5 s target is 6.25 loops.
 WHOLE_PROCESS_TARGET_S = 0.5
-REFERENCE_S_DEV_BOX = 0.072
+REFERENCE_S_DEV_BOX = 0.08
 WHOLE_PROCESS_TARGET_REFS = WHOLE_PROCESS_TARGET_S / REFERENCE_S_DEV_BOX
 
 

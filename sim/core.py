@@ -250,8 +250,9 @@ class Progress:
                 return
             from tqdm import tqdm
             self.bar = tqdm(total=self.total, desc="simulate", unit="req", file=sys.stderr,
-                            mininterval=0.5, dynamic_ncols=True)
-            self.bar.start_t = self.t0   # the rate (and ETA) counts from the start of the run
+                            mininterval=0.5, dynamic_ncols=True, smoothing=0, delay=0.1)
+            # the rate (and ETA) count from the start of the run, on tqdm's clock (time.time)
+            self.bar.start_t -= time.perf_counter() - self.t0
         self.bar.update(done - self.bar.n)
 
     def __exit__(self, *exc):
