@@ -249,9 +249,10 @@ class Progress:
             if time.perf_counter() - self.t0 < self.delay_s:
                 return
             from tqdm import tqdm
-            self.bar = tqdm(total=self.total, desc="simulate", unit="req", file=sys.stderr,
-                            mininterval=0.5, dynamic_ncols=True, smoothing=0, delay=0.1)
-            # the rate (and ETA) count from the start of the run, on tqdm's clock (time.time)
+            self.bar = tqdm(total=self.total, initial=done, desc="simulate", unit="req", file=sys.stderr,
+                            mininterval=0.5, dynamic_ncols=True, smoothing=0)
+            # rate and ETA: every completion since the start of the run, on tqdm's clock (time.time)
+            self.bar.initial = 0
             self.bar.start_t -= time.perf_counter() - self.t0
         self.bar.update(done - self.bar.n)
 
