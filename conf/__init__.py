@@ -8,8 +8,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -60,7 +60,8 @@ def choices(group: str) -> list[str]:
 
 def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
     """Compose a job config like the CLI would (without changing directories or logging)."""
-    from hydra import compose as _compose, initialize_config_module
+    from hydra import compose as _compose
+    from hydra import initialize_config_module
     from hydra.errors import HydraException
 
     register_all()
@@ -149,7 +150,7 @@ def _node_keys(config_name: str | None, dotted_parent: str) -> list[str]:
         node = compose(config_name)
         node = OmegaConf.select(node, dotted_parent) if dotted_parent else node
         return sorted(str(k) for k in node.keys()) if isinstance(node, DictConfig) else []
-    except Exception:  # noqa: BLE001 - only for a better message; the error is reported anyway
+    except Exception:
         return []
 
 
@@ -184,6 +185,7 @@ def check_fields(node, schema, where: str) -> None:
 def explain_hydra_error(exc: Exception, config_name: str | None = None) -> str:
     """Turn Hydra's composition errors into one line: the field, what it takes, close matches."""
     import re
+
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
     text = str(exc).strip()
@@ -291,6 +293,7 @@ def cli(config_name: str, job: Callable[[DictConfig], None]) -> None:
     def task(cfg: DictConfig) -> None:
         if plain:
             from hydra.core.hydra_config import HydraConfig
+
             from conf import composed
             composed.save(config_name, list(args), cfg, HydraConfig.get())
         user_errors(lambda: job(cfg), config_name)

@@ -25,9 +25,9 @@ import os
 import pickle
 import re
 import sys
+from collections.abc import Callable
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Callable
 
 from conf.files import write_bytes
 
@@ -94,7 +94,7 @@ def run_cached(config_name: str, overrides: list[str], job: Callable) -> bool:
         if any(_sha(Path(p).read_bytes()) != digest for p, digest in sources.items()):
             return False
         cfg = pickle.loads(cfg_bytes)
-    except Exception:  # noqa: BLE001 - missing, torn or stale: compose with Hydra instead
+    except Exception:
         return False
     import logging.config
     logging.config.dictConfig(logging_conf)
@@ -117,5 +117,5 @@ def save(config_name: str, overrides: list[str], cfg, hydra_cfg) -> None:
         if eligible:
             entry = pickle.dumps((_sources(), logging_conf, pickle.dumps(cfg)))
             write_bytes(cache_dir() / f"{key(config_name, overrides)}.pkl", entry)
-    except Exception:  # noqa: BLE001 - a composition not kept only costs the next run its compose
+    except Exception:
         pass

@@ -19,7 +19,6 @@ from omegaconf import OmegaConf
 
 from conf import ConfigError
 from conf.files import atomic_write, check_writable, write_text
-
 from sim.metrics import REQUEST_METRICS, STATS
 
 TIMELINE_COLUMNS = ("time_s", "replica", "kv_util", "batch_size", "num_running", "num_waiting")

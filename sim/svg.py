@@ -43,7 +43,9 @@ def nice_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
         lo, hi = lo - pad if lo else 0.0, hi + pad
     raw = (hi - lo) / max(target, 1)
     mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    # the round step whose tick count comes closest to the target (ties: the coarser step)
+    step = min((m * mag for m in (1, 2, 5, 10)),
+               key=lambda st: (abs(math.ceil(hi / st - 1e-9) - math.floor(lo / st + 1e-9) - target), -st))
     first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
     ticks = [round(i * step, 12) for i in range(first, last + 1)]
     if len(ticks) < 2:
@@ -52,7 +54,7 @@ def nice_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
 
 
 def _fmt(v: float) -> str:
-    return f"{v:.4g}"
+    return f"{v:.6g}"
 
 
 def _points(xs, ys, sx, sy) -> str:
@@ -69,17 +71,17 @@ def _steps(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _panel_svg(p: Panel, x0: float, y0: float, w: float, h: float) -> list[str]:
-    left, right, top, bottom = 62, 12, 22 if p.title else 10, 40
+    left, right, top, bottom = 62, 26, 22 if p.title else 10, 40
     px0, px1, py0, py1 = x0 + left, x0 + w - right, y0 + top, y0 + h - bottom
-    finite = lambda a: np.asarray(a, dtype=float)[np.isfinite(np.asarray(a, dtype=float))]  # noqa: E731
+    finite = lambda a: np.asarray(a, dtype=float)[np.isfinite(np.asarray(a, dtype=float))]
     xs = [finite(s.x) for s in p.series]
     ys = [finite(v) for s in p.series for v in (s.y, s.low, s.high) if v is not None]
     xs = np.concatenate(xs) if xs else np.zeros(0)
     ys = np.concatenate(ys) if ys else np.zeros(0)
     xt = nice_ticks(float(xs.min()), float(xs.max())) if len(xs) else [0.0, 1.0]
     yt = nice_ticks(min(0.0, float(ys.min())), float(ys.max())) if len(ys) else [0.0, 1.0]
-    sx = lambda v: px0 + (v - xt[0]) / (xt[-1] - xt[0]) * (px1 - px0)  # noqa: E731
-    sy = lambda v: py1 - (v - yt[0]) / (yt[-1] - yt[0]) * (py1 - py0)  # noqa: E731
+    sx = lambda v: px0 + (v - xt[0]) / (xt[-1] - xt[0]) * (px1 - px0)
+    sy = lambda v: py1 - (v - yt[0]) / (yt[-1] - yt[0]) * (py1 - py0)
     out = []
     if p.title:
         out.append(f'<text x="{(px0 + px1) / 2:.1f}" y="{y0 + 15:.1f}" text-anchor="middle" '

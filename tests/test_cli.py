@@ -139,7 +139,7 @@ def test_range_warnings_are_about_what_a_run_looks_up_once(tmp_path, caplog, fre
     data = tmp_path / "data"
     shutil.copytree(REPO / "data" / "estimators" / "h100", data / "estimators" / "h100")
     hw, model = conf.to_hw(sim.compose(["hw=h100"]).hw), conf.to_model(sim.compose(["model=llama3-8b"]).model)
-    looked_up = lambda: [r.getMessage() for r in caplog.records if "looked up" in r.getMessage()]  # noqa: E731
+    looked_up = lambda: [r.getMessage() for r in caplog.records if "looked up" in r.getMessage()]
     with caplog.at_level(logging.WARNING, logger="estimator"):
         ot = load_op_times(hw, model, 1, data_dir=str(data), max_tokens=8192)   # tabulates (cold)
         base = ["hw=h100", "model=llama3-8b", "workload=fixed", "workload.num_requests=2",

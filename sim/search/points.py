@@ -26,7 +26,7 @@ def write_atomic(df: pd.DataFrame, path: Path) -> None:
 def _read(path: Path) -> pd.DataFrame:
     try:
         frame = pd.read_parquet(path)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+    except Exception as exc:
         raise ConfigError(f"{path} is not a readable points file ({type(exc).__name__}); move it "
                           f"away to start the search afresh, or choose another search.out_dir") from None
     missing = {"config_hash", "qps", "seed"} - set(frame.columns)

@@ -41,13 +41,17 @@ from omegaconf.errors import OmegaConfBaseException
 import conf
 from conf import ConfigError, cli, resolve_model
 from conf.files import check_writable
-from sim.search.capacity import slo_limits
 from sim.config import register
+from sim.search.capacity import slo_limits
 from sim.search.exec import Task, check_fits, executor, simulate_summary
-from sim.search.report import describe, plot_pareto, rank
 from sim.search.points import PointsStore, write_atomic
-from sim.search.space import (code_fingerprint, config_hash, enumerate_space,
-                              estimator_fingerprint)
+from sim.search.report import describe, plot_pareto, rank
+from sim.search.space import (
+    code_fingerprint,
+    config_hash,
+    enumerate_space,
+    estimator_fingerprint,
+)
 from sim.workload import resolve_data_dir
 
 EXIT_NO_DEPLOYMENT = 3      # the search ran, and no candidate meets the SLOs
