@@ -148,13 +148,14 @@ def test_range_warnings_are_about_what_a_run_looks_up_once(tmp_path, caplog, fre
         assert "queries outside the profiled range" not in caplog.text              # the grid is not the run
         assert looked_up() and not any("up to" in m or m.startswith("attention") for m in looked_up())
         before = len(looked_up())
-        for _ in range(2):    # h100's GEMMs were measured up to m=4096: a 6000-token prefill leaves that
+        for _ in range(2):    # h100's elementwise ops were measured up to 4096 tokens: 6000 leave that
             sim.simulate(sim.compose([*base, "workload.prefill_tokens=6000", "scheduler=vllm",
                                       "scheduler.max_tokens_per_batch=8192"]), op_times=ot)
     new = looked_up()[before:]
-    gemm = [m for m in new if m.startswith("gemm")]
-    assert len(gemm) == 1 and "m up to 6000 (trained up to 4096)" in gemm[0]      # said once
-    assert len(new) == len({m.split(" ")[0] for m in new})
+    trained = json.loads((data / "estimators" / "h100" / "elementwise.json").read_text())["shape_range"]
+    assert trained["num_tokens"][1] < 6000, "h100 elementwise now covers 6000 tokens: pick a longer prompt"
+    said = [m for m in new if m.startswith("elementwise") and "num_tokens up to 6000" in m]
+    assert len(said) == 1 and len(new) == len(set(new))                            # each finding once
 
 
 # 8 ------------------------------------------------------------------------------------------
