@@ -83,6 +83,17 @@ def _weight_dtype(c: dict, p: Path) -> str:
                       f"16-bit and fp8 weights (model.weight_dtype) only")
 
 
+def hf_model_name(config: dict, path: Path) -> str:
+    """A name for the model of a config.json: its ``_name_or_path`` (last part, so it is one
+    path component), else the file's stem (``mistral7b.json``), else its folder
+    (``Mistral-7B/config.json``)."""
+    for name in (str(config.get("_name_or_path") or "").rstrip("/").rpartition("/")[2],
+                 "" if path.stem == "config" else path.stem, path.resolve().parent.name):
+        if name:
+            return name
+    return "hf-model"
+
+
 def model_from_hf_config(path: str | Path) -> ModelConf:
     from conf import ConfigError, validate_model
 
@@ -110,7 +121,7 @@ def model_from_hf_config(path: str | Path) -> ModelConf:
     layernorm = "phi" in arch and "phi3" not in arch or "gpt" in arch and "oss" not in arch
     rotary_dim = int(c.get("partial_rotary_factor", 1.0) * head_dim) if "partial_rotary_factor" in c else 0
     fields = dict(
-        name=str(top.get("_name_or_path") or p.parent.name) or "hf-model",
+        name=hf_model_name(top, p),
         hf_id=str(top.get("_name_or_path", "")),
         hidden_size=hidden,
         num_layers=layers,

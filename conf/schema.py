@@ -9,8 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from hydra.core.config_store import ConfigStore
-
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "fp8": 1}
 
 
@@ -132,6 +130,7 @@ def check_model(model: ModelConf) -> None:
 
 def register() -> None:
     """Register the shared schemas; idempotent, call before composing."""
+    from hydra.core.config_store import ConfigStore   # here: a cached composition needs no hydra
     cs = ConfigStore.instance()
     cs.store(group="hw", name="hw_schema", node=HwConf)
     cs.store(group="model", name="model_schema", node=ModelConf)

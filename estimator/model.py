@@ -120,6 +120,7 @@ class FamilyModel:
     def __init__(self, family: str, hw: HwConf | None, p50: xgb.Booster, band: xgb.Booster | None, meta: dict):
         self.family, self.hw, self.p50, self.band, self.meta = family, hw, p50, band, meta
         self.quiet = False  # evaluation folds predict outside their training range on purpose
+        self.warn_range = True  # off while the simulator tabulates (it checks its own lookups)
         self._warned: set[tuple] = set()
 
     def _warn_once(self, key: tuple, msg: str) -> None:
@@ -222,6 +223,8 @@ class FamilyModel:
         return df
 
     def _warn_out_of_range(self, df: pd.DataFrame, hw: HwConf | None) -> None:
+        if not self.warn_range:
+            return
         outside = []
         for c, (lo, hi) in self.meta["shape_range"].items():
             v = pd.to_numeric(df[c]).to_numpy(float)

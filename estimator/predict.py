@@ -24,6 +24,25 @@ from estimator.roofline import predict_fn as roofline_predict
 
 register()
 
+# Shape columns that may be 0: heads and head_dim of elementwise ops other than RoPE.
+MAY_BE_ZERO = {("elementwise", "num_heads"), ("elementwise", "num_kv_heads"), ("elementwise", "head_dim")}
+
+
+def check_shapes(df: pd.DataFrame, family: str) -> None:
+    """EstimatorError naming the first row whose shape is not a size: tokens, dims, heads,
+    bytes and ranks count things, so they are >= 1 (a model would still price m=0 or m=-5)."""
+    from estimator.features import check_query
+    check_query(df, family)
+    for col in SHAPE_COLUMNS[family]:
+        if col in ("op", "phase"):
+            continue
+        low = 0 if (family, col) in MAY_BE_ZERO else 1
+        values = pd.to_numeric(df[col]).to_numpy(dtype=float)
+        bad = (values < low).nonzero()[0]
+        if len(bad):
+            raise EstimatorError(f"{family} row {int(bad[0])}: {col}={values[bad[0]]:g}; {col} must be >= {low} "
+                                 f"({len(bad)} such rows)")
+
 
 def guess_family(path: Path, df: pd.DataFrame, family: str = "") -> str:
     if family:
@@ -68,6 +87,7 @@ def run(cfg: DictConfig) -> Path:
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         raise EstimatorError(f"cannot read {inp} as parquet: {type(exc).__name__}") from None
     family = guess_family(inp, df, cfg.family)
+    check_shapes(df, family)
     predictors = Predictors.load(hw, cfg.data_dir, directory=cfg.estimators_dir or None)
     result = predict_table(df, family, predictors)
     atomic_write(out, lambda tmp: result.to_parquet(tmp, index=False))

@@ -7,7 +7,6 @@ as features, so it prices a GPU it has no rows for from its card), else the roof
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import pandas as pd
 from conf.schema import DTYPE_BYTES, HwConf
 from estimator import roofline
 from estimator.features import EstimatorError
+from estimator.fingerprint import files_sha256, model_files
 from estimator.model import QUANTILES, FamilyModel, warn_once
 from profiler.tables import FAMILIES, file_sha256
 
@@ -29,18 +29,6 @@ def estimators_dir(hw_name: str, data_dir: str | Path = "data") -> Path:
 def available_hw(data_dir: str | Path = "data") -> list[str]:
     root = Path(data_dir) / "estimators"
     return sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob("*.ubj"))) if root.is_dir() else []
-
-
-def model_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.glob("*") if p.suffix in (".ubj", ".json") and not p.name.startswith("report"))
-
-
-def files_sha256(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.name.encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def _trained(directory: Path, family: str) -> bool:

@@ -7,8 +7,12 @@ functions are vectorised over numpy arrays and return microseconds.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:      # annotations only: the simulator's cached path never loads pandas
+    import pandas as pd
 
 from conf.schema import DTYPE_BYTES, HwConf
 

@@ -6,6 +6,9 @@ microseconds. ``__init__`` asks ``predict(family, DataFrame of shapes in profile
 call in the hot loop touches XGBoost or pandas. ``load_op_times`` backs it with the trained
 predictors of ``data/estimators/<hw>`` (roofline prior where a family has none) and caches the
 tables on disk under ``data/cache/optimes`` keyed by the model files, hw, model, tp and quantile.
+A run that finds its tables there loads neither XGBoost nor pandas. The tables cover a grid far
+wider than most workloads reach, so range warnings are about what a run looked up
+(``warn_outside_trained``, estimator/ranges.py), not about the grid.
 """
 from __future__ import annotations
 
@@ -14,21 +17,23 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
-import pandas as pd
 
-from conf import shapes
+from conf import shapes, warn_once
 from conf.files import atomic_write
 from conf.schema import DTYPE_BYTES, HwConf, ModelConf
 from estimator import roofline
-from estimator.features import EstimatorError
-from estimator.model import QUANTILES, warn_once
-from estimator.predictors import Predictors
+from estimator.fingerprint import cache_fingerprint
 from estimator.roofline import predict_fn as roofline_predict
 
-PredictFn = Callable[[str, pd.DataFrame], np.ndarray]
+if TYPE_CHECKING:    # the simulator's cached path loads neither pandas nor XGBoost
+    import pandas as pd
+
+    from estimator.predictors import Predictors
+
+PredictFn = Callable[[str, "pd.DataFrame"], np.ndarray]
 KnowsFn = Callable[[str, str], bool]   # (family, op name) -> the predictor has rows for it
 
 # Attention grid: values at 2**(i / STEPS) per axis, interpolated linearly in log-log space.
@@ -39,7 +44,7 @@ GRID_STEPS = 1
 DECODE_MAX_BATCH_LOG2, PREFILL_MAX_BATCH_LOG2 = 12, 8
 MAX_Q_LOG2, MAX_KV_LOG2 = 15, 17
 PREFILL_BATCH_STEPS = 1
-GRID_VERSION = 10  # bump when the tabulation changes, so old disk caches are not reused
+GRID_VERSION = 11  # bump when the tabulation changes, so old disk caches are not reused
 
 # An MoE model's MLP parts, tabulated apart from the other token ops.
 MLP_GEMMS = ("gate_up_proj", "up_proj", "down_proj")
@@ -98,7 +103,8 @@ class OpTimes:
 
     def __init__(self, hw: HwConf, model: ModelConf, tp: int, predict: PredictFn | None = None,
                  max_tokens: int = 16384, source: str | None = None, cache_path: str | Path | None = None,
-                 knows: KnowsFn | None = None, layout: shapes.Layout | None = None):
+                 knows: KnowsFn | None = None, layout: shapes.Layout | None = None,
+                 meta: dict | None = None, tables: dict | None = None):
         self.hw, self.model, self.tp = hw, model, tp
         self.layout = layout or shapes.layout(model, tp)
         if self.layout.tp != tp:
@@ -112,14 +118,26 @@ class OpTimes:
         self.max_tokens = max_tokens
         self.dtype = model.dtype  # activations, norms, collectives, LM head
         self.nq, self.nkv = shapes.heads_per_gpu(model, tp)
-        tables = _load_npz(cache_path) if cache_path else None
+        # meta: source, fallback/fleet families and trained shape ranges (load_op_times), plus
+        # each family's tabulated column extents; kept in the cache file with the tables.
+        self.meta = dict(meta or {})
+        # The largest lookups of this object's life: what the workloads actually asked for.
+        self.queried = dict.fromkeys(("tokens", "sampled", "send_tokens", "decode_batch", "decode_kv",
+                                      "decode_kv_sum", "prefill_batch", "prefill_q", "prefill_q_sum",
+                                      "prefill_kv", "prefill_kv_sum", "prefill_pairs"), 0)
+        if tables is None and cache_path:
+            tables = _load_npz(cache_path)
+        if tables is not None and "meta_json" in tables:
+            self.meta = json.loads(str(tables["meta_json"]))
+            self.source = self.meta.get("source", self.source)
         if tables is None:
             tables = self._tabulate()
             if cache_path:
                 try:
                     _save_npz(cache_path, tables)
                 except OSError as exc:  # a read-only data dir: work uncached
-                    warn_once(("cache", str(cache_path)), f"cannot cache operator tables at {cache_path}: {exc}")
+                    warn_once(("cache", str(cache_path)), f"cannot cache operator tables at {cache_path}: {exc}",
+                              "estimator")
         self._token_ops, self._send_recv = tables["token_ops"], tables["send_recv"]
         self._allreduce, self._custom_allreduce = tables["allreduce"], tables["custom_allreduce"]
         self._embed, self._final_norm, self._lm_head = tables["embed"], tables["final_norm"], tables["lm_head"]
@@ -131,6 +149,17 @@ class OpTimes:
 
     # --- tabulation -----------------------------------------------------------------
     def _tabulate(self) -> dict[str, np.ndarray]:
+        from estimator.ranges import recording
+        predict = self.predict
+        self.predict, extents = recording(predict)
+        try:
+            tables = self._tabulate_tables()
+        finally:
+            self.predict = predict
+        self.meta = dict(self.meta, source=self.source, tabulated=extents)
+        return dict(tables, meta_json=np.array(json.dumps(self.meta, sort_keys=True)))
+
+    def _tabulate_tables(self) -> dict[str, np.ndarray]:
         # Predict every count up to 1024 and every 16th beyond (profiles step by 8-32 tokens there),
         # then interpolate: 8x fewer model rows at max_tokens=16384, so a cold load stays ~1 s.
         n = self.max_tokens
@@ -149,7 +178,8 @@ class OpTimes:
                     decode_log_us=self._tabulate_decode(), prefill_log_us=self._tabulate_prefill(),
                     **self._tabulate_sparse(tokens, table))
 
-    def _frame(self, dtype: str | None = None, **cols) -> pd.DataFrame:
+    def _frame(self, dtype: str | None = None, **cols) -> "pd.DataFrame":
+        import pandas as pd
         n = max(len(v) for v in cols.values() if np.ndim(v))
         base = dict(hw=self.hw.name, dtype=dtype or self.dtype, model=self.model.name, tp=self.tp)
         return pd.DataFrame({**{k: [v] * n for k, v in base.items()}, **cols})
@@ -175,6 +205,7 @@ class OpTimes:
             return np.zeros(len(tokens))
         # fp8 weights (vLLM --quantization fp8) for the layer GEMMs; the router stays 16 bit
         wdt = shapes.weight_dtype(self.model)
+        import pandas as pd
         frame = pd.concat([self._frame(dtype=self.dtype if g.op == "router" else wdt, op=[g.op] * len(tokens),
                                        m=tokens, n=g.n, k=g.k) for g in gemms])
         return self.predict("gemm", frame).reshape(len(gemms), len(tokens)).sum(axis=0)
@@ -243,7 +274,8 @@ class OpTimes:
             return True
         warn_once(("no-network", self.hw.name),
                   f"hw {self.hw.name}: network_bw_gbps is not set; a layout of {self.layout.gpus} GPUs spans "
-                  f"nodes of {self.hw.devices_per_node}, and its traffic between nodes is priced as within a node")
+                  f"nodes of {self.hw.devices_per_node}, and its traffic between nodes is priced as within a node",
+                  "estimator")
         return False
 
     def _elementwise(self, e: shapes.Elementwise, tokens: np.ndarray) -> np.ndarray:
@@ -263,6 +295,7 @@ class OpTimes:
             return network_collective_us(self.hw, op.replace("custom_", ""), size_bytes, world)
         if op == "custom_all_reduce" and not self.knows("collective", op):
             op = "all_reduce"
+        import pandas as pd
         df = pd.DataFrame(dict(hw=self.hw.name, op=op, dtype=self.dtype, network=self.hw.network,
                                size_bytes=size_bytes, world_size=world, cuda_graph=True,
                                devices_per_node=self.hw.devices_per_node))
@@ -327,6 +360,8 @@ class OpTimes:
     def layer_token_ops_us(self, num_tokens: int) -> float:
         """GEMMs and the elementwise ops vLLM runs in one layer (fused residual-add + norms,
         activation, RoPE, KV-cache write) over num_tokens tokens."""
+        if num_tokens > self.queried["tokens"]:
+            self.queried["tokens"] = num_tokens
         return self._scaled(self._token_ops, num_tokens)
 
     def allreduce_us(self, num_tokens: int, custom: bool = False) -> float:
@@ -336,6 +371,8 @@ class OpTimes:
 
     def send_recv_us(self, num_tokens: int) -> float:
         """One pipeline-stage hand-off of num_tokens hidden states."""
+        if num_tokens > self.queried["send_tokens"]:
+            self.queried["send_tokens"] = num_tokens
         return self._scaled(self._send_recv, num_tokens)
 
     def send_recv_network_us(self, num_tokens: int) -> float:
@@ -362,6 +399,8 @@ class OpTimes:
 
     def lm_head_us(self, num_sequences: int) -> float:
         """LM head, logits gather (tp > 1) and sampler over the sequences that sample this iteration."""
+        if num_sequences > self.queried["sampled"]:
+            self.queried["sampled"] = num_sequences
         return self._scaled(self._lm_head, num_sequences)
 
     def decode_attention_us(self, batch: float, mean_kv: float) -> float:
@@ -383,13 +422,36 @@ class OpTimes:
             if q_sum > 0:
                 pairs = float(sum(q * kv for q, kv in zip(prefill_q, prefill_kv)))
                 q_mean = q_sum / n
+                self._see_prefill(n, q_mean, q_sum, pairs)
                 total += self._lookup3(n, q_mean, pairs / q_sum / q_mean)
         n = len(decode_kv)
         if n:
             total += self._lookup2(n, float(sum(decode_kv)) / n)
         return total
 
+    def _see_prefill(self, n: int, q_mean: float, q_sum: float, pairs: float) -> None:
+        """Record a prefill lookup as the uniform batch it is priced as (see _attn_grid)."""
+        seen, kv_mean = self.queried, pairs / q_sum
+        for key, value in (("prefill_batch", n), ("prefill_q", q_mean), ("prefill_q_sum", q_sum),
+                           ("prefill_kv", kv_mean), ("prefill_kv_sum", n * kv_mean),
+                           ("prefill_pairs", pairs)):
+            if value > seen[key]:
+                seen[key] = value
+
+    def warn_outside_trained(self) -> None:
+        """Warn (once per process, family and columns) where this object's lookups so far left
+        the shape range its predictors were trained on (estimator/ranges.py)."""
+        from estimator.ranges import warn_outside_trained
+        warn_outside_trained(self)
+
     def _lookup2(self, batch: float, kv: float) -> float:
+        seen = self.queried          # every decode lookup comes here
+        if batch > seen["decode_batch"]:
+            seen["decode_batch"] = batch
+        if kv > seen["decode_kv"]:
+            seen["decode_kv"] = kv
+        if batch * kv > seen["decode_kv_sum"]:
+            seen["decode_kv_sum"] = batch * kv
         t = self._decode
         i, fi, si = _pos(batch, GRID_STEPS, len(t))
         j, fj, sj = _pos(kv, GRID_STEPS, len(t[0]))
@@ -440,6 +502,7 @@ def cache_key(fingerprint: str, hw: HwConf, model: ModelConf, tp: int, quantile:
 def check_dtypes(preds: Predictors, model: ModelConf) -> None:
     """model.weight_dtype prices GEMMs and model.kv_dtype attention: each must be a known dtype
     with rows for this GPU (16-bit float16/bfloat16 stand for each other: same width, same kernels)."""
+    from estimator.features import EstimatorError
     for family, field, dtype in (("gemm", "model.weight_dtype", shapes.weight_dtype(model)),
                                  ("attention", "model.kv_dtype", shapes.kv_dtype(model))):
         if dtype not in DTYPE_BYTES:
@@ -458,29 +521,58 @@ def load_op_times(hw: HwConf, model: ModelConf, tp: int, quantile: str = "p50",
     """OpTimes for the simulator from the trained estimator of ``hw`` (data/estimators/<hw>).
 
     Families without a trained model use the roofline prior; with no trained model for ``hw``
-    at all, everything does and one warning says so. Tables are cached in data/cache/optimes.
+    at all, everything does and one warning says so. Tables are cached in data/cache/optimes,
+    keyed by the content of every model file that can price ``hw``; a cached table is used
+    without loading the predictors (no XGBoost, no pandas: a third of a small run's time).
     """
     shapes.check_tp(model, tp)
+    cache_dir = Path(data_dir) / "cache" / "optimes"
+    fingerprint = cache_fingerprint(hw, data_dir)
+    if fingerprint:   # the warm path: the dtype checks passed when these tables were made
+        tables = _load_npz(cache_dir / f"{cache_key(fingerprint, hw, model, tp, quantile, max_tokens, layout)}.npz")
+        if tables is not None and "meta_json" in tables:
+            ot = OpTimes(hw, model, tp, max_tokens=max_tokens, layout=layout, tables=tables)
+            _warn_sources(hw, ot.meta)
+            return ot
+
+    from estimator.features import EstimatorError
+    from estimator.model import QUANTILES
+    from estimator.predictors import Predictors
+
     if quantile not in QUANTILES:
         raise EstimatorError(f"quantile {quantile!r} is not one of {', '.join(QUANTILES)}")
-    cache_dir = Path(data_dir) / "cache" / "optimes"
     try:
         preds = Predictors.load(hw, data_dir)
     except EstimatorError as exc:
-        warn_once(("no-estimator", hw.name), f"{exc}; the simulator uses the roofline prior for hw={hw.name}")
+        warn_once(("no-estimator", hw.name), f"{exc}; the simulator uses the roofline prior for hw={hw.name}",
+                  "estimator")
         key = cache_key("roofline", hw, model, tp, "p50", max_tokens, layout)
         return OpTimes(hw, model, tp, max_tokens=max_tokens, cache_path=cache_dir / f"{key}.npz", layout=layout)
     check_dtypes(preds, model)
+    meta = {"fleet": sorted(f for f, o in preds.origin.items() if o == "fleet"), "fallback": list(preds.fallback),
+            "trained_range": {}}
+    _warn_sources(hw, meta)
     source = f"estimator:{hw.name}:{quantile}"
-    fleet = sorted(f for f, o in preds.origin.items() if o == "fleet")
+    if meta["fleet"]:
+        source += f" (fleet: {', '.join(meta['fleet'])})"
+    if meta["fallback"]:
+        source += f" (roofline: {', '.join(meta['fallback'])})"
+    for family in preds.trained:
+        fitted = preds.model(family)
+        fitted.warn_range = False   # the grid is wider than any workload; runs check their own lookups
+        meta["trained_range"][family] = fitted.meta.get("shape_range", {})
+    key = cache_key(fingerprint, hw, model, tp, quantile, max_tokens, layout)
+    return OpTimes(hw, model, tp, predict=preds.predict_fn(quantile), max_tokens=max_tokens, source=source,
+                   cache_path=cache_dir / f"{key}.npz", knows=preds.knows, layout=layout, meta=meta)
+
+
+def _warn_sources(hw: HwConf, meta: dict) -> None:
+    """The families priced by the fleet model or the roofline prior: said once per process,
+    on a cached run as on a fresh one."""
+    fleet, fallback = meta.get("fleet", []), meta.get("fallback", [])
     if fleet:
         warn_once(("fleet", hw.name, tuple(fleet)), f"hw={hw.name}: no measured rows for {', '.join(fleet)}; "
-                  f"priced by the fleet model from the card's numbers")
-        source += f" (fleet: {', '.join(fleet)})"
-    if preds.fallback:
-        warn_once(("fallback", hw.name, tuple(preds.fallback)),
-                  f"hw={hw.name}: no trained model for {', '.join(preds.fallback)}; roofline prior used for those")
-        source += f" (roofline: {', '.join(preds.fallback)})"
-    key = cache_key(preds.fingerprint(), hw, model, tp, quantile, max_tokens, layout)
-    return OpTimes(hw, model, tp, predict=preds.predict_fn(quantile), max_tokens=max_tokens, source=source,
-                   cache_path=cache_dir / f"{key}.npz", knows=preds.knows, layout=layout)
+                  f"priced by the fleet model from the card's numbers", "estimator")
+    if fallback:
+        warn_once(("fallback", hw.name, tuple(fallback)), f"hw={hw.name}: no trained model for "
+                  f"{', '.join(fallback)}; roofline prior used for those", "estimator")

@@ -1,13 +1,17 @@
 """python -m estimator.train hw=h100: fit one predictor per operator family and evaluate it.
 
 Reads data/profiles/<hw>/<family>.parquet, keeps measured rows (status ok) of the configured
-dtypes, fits the family model (see estimator/model.py) and writes it with a sidecar to
-data/estimators/<hw>/, plus report.md, report.json and pred_vs_measured.png. A family without
-data is recorded as "roofline" (the simulator then uses the fleet model or the roofline prior).
+dtypes, fits the family model (see estimator/model.py) and writes it with a sidecar, plus
+report.md, report.json and pred_vs_measured.png, to ``out_dir``: by default
+<data_dir>/estimators/<hw>, except that the predictors shipped in this repository's data/ are
+only replaced when asked (``out_dir=data/estimators/<hw>``); otherwise a training writes to
+outputs/estimators/<hw>. It prints where it wrote. A family without data is recorded as
+"roofline" (the simulator then uses the fleet model or the roofline prior).
 
 python -m estimator.train fleet=true: the same over every GPU with profiles and a card in
-conf/hw (one model per family, the card's numbers as features) -> data/estimators/fleet/, with
-the leave-one-GPU-out error per family and GPU in its report.
+conf/hw (one model per family, the card's numbers as features) -> data/estimators/fleet/ (the
+same rule: outputs/estimators/fleet/ unless asked), with the leave-one-GPU-out error per family
+and GPU in its report.
 """
 from __future__ import annotations
 
@@ -36,6 +40,14 @@ from profiler import tables
 
 log = logging.getLogger("estimator")
 register()
+SHIPPED = Path(__file__).resolve().parents[1] / "data" / "estimators"
+
+
+def default_out_dir(data_dir: str | Path, hw_name: str) -> Path:
+    """<data_dir>/estimators/<hw>, unless that is the shipped predictors' directory: a training
+    replaces those only when asked (out_dir=...), so it goes to outputs/estimators/<hw>."""
+    d = Path(data_dir) / "estimators" / hw_name
+    return Path("outputs") / "estimators" / hw_name if d.resolve().is_relative_to(SHIPPED) else d
 
 
 def set_aside(what: str, df: pd.DataFrame, keep, reason: str) -> str:
@@ -89,7 +101,7 @@ def run(cfg: DictConfig) -> dict:
     """Train (and evaluate) every configured family; returns the report dict."""
     hw = conf.to_hw(cfg.hw)
     profiles = Path(cfg.profiles_dir or Path(cfg.data_dir) / "profiles" / hw.name)
-    out = Path(cfg.out_dir or Path(cfg.data_dir) / "estimators" / hw.name)
+    out = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg.data_dir, hw.name)
     if cfg.train_sources not in ("serve", "all"):
         raise ConfigError(f"train_sources={cfg.train_sources!r}; choose serve or all")
     unknown = [f for f in cfg.families if f not in tables.FAMILIES]
@@ -131,7 +143,18 @@ def run(cfg: DictConfig) -> dict:
     text = report_markdown(report)
     write_bytes(out / "report.md", text.encode())
     print(text)
+    _say_where(report, out, cfg)
     return report
+
+
+def _say_where(report: dict, out: Path, cfg) -> None:
+    """Where the models went, and how the simulator gets them when that is not where it reads."""
+    name = report["hw"]
+    trained = [f for f, e in report["families"].items() if e.get("status") == "trained"]
+    print(f"wrote {len(trained)} trained families ({', '.join(trained) or 'none'}) and the report to {out}")
+    if not out.resolve().is_relative_to(SHIPPED) and Path(cfg.data_dir).resolve() / "estimators" == SHIPPED:
+        print(f"the simulator reads data/estimators/{name}: to use these predictors, train with "
+              f"out_dir=data/estimators/{name} (replaces the shipped ones) or copy them there")
 
 
 def _settings(cfg) -> dict:
@@ -187,7 +210,7 @@ def fleet_cards(data_dir: Path) -> dict:
 def run_fleet(cfg: DictConfig) -> dict:
     """python -m estimator.train fleet=true: one model per family over every GPU's rows."""
     data_dir = Path(cfg.data_dir)
-    out = Path(cfg.out_dir or data_dir / "estimators" / FLEET)
+    out = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(data_dir, FLEET)
     cards = fleet_cards(data_dir)
     if len(cards) < 2:
         raise ConfigError(f"fleet=true needs profiles of two or more GPUs with cards in conf/hw; found "
@@ -230,6 +253,7 @@ def run_fleet(cfg: DictConfig) -> dict:
     text = report_markdown(report)
     write_bytes(out / "report.md", text.encode())
     print(text)
+    _say_where(report, out, cfg)
     return report
 
 

@@ -39,7 +39,5 @@ from sim.router import ROUTERS
 from sim.memory import MemoryPlan, memory_plan
 from sim.schedulers import SCHEDULERS
 
-register()
-
 __all__ = ["compose", "simulate", "SimResult", "memory_plan", "MemoryPlan", "plan_for",
            "max_request_tokens", "SCHEDULERS", "ROUTERS", "register"]

@@ -10,13 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from hydra.core.config_store import ConfigStore
-
 import conf
 
 ARRIVALS = ("poisson", "gamma", "static", "trace")
 LENGTHS = ("trace", "fixed", "uniform", "zipf")
 PREFIXES = ("none", "shared", "tree", "sessions")
+TOO_LONG = ("clip", "error")
 QUANTILES = ("p10", "p50", "p90")
 MIXED_ATTENTION = ("one_call", "split")
 
@@ -98,6 +97,10 @@ class WorkloadConf:
     tree_segment_tokens: int = 256    # tree: tokens per tree level
     turns: int = 5                    # sessions: turns per session; num_requests counts turns
     think_time_s: float = 10.0        # sessions: mean pause between an answer and the next turn
+    # A request longer than max_request_tokens (prompt + output): "clip" shortens it (the longer
+    # side first) and the run reports how many were clipped; "error" refuses the run before it
+    # starts, as a server with that max_model_len refuses such requests.
+    too_long: str = "clip"
 
 
 @dataclass
@@ -138,10 +141,12 @@ class SimConf:
     # vllm_result.json (written beside summary.json, `vllm bench serve --save-result` schema):
     # include the per-request lists as --save-detailed does (needs keep_requests).
     vllm_detailed: bool = True
+    progress: bool = True             # progress bar with ETA on stderr for runs longer than ~2 s
 
 
 def register() -> None:
     """Register the shared and the simulator schemas; idempotent."""
+    from hydra.core.config_store import ConfigStore   # here: importing hydra costs 0.1 s
     conf.register()
     cs = ConfigStore.instance()
     cs.store(group="scheduler", name="scheduler_schema", node=SchedulerConf)
@@ -155,3 +160,6 @@ def compose(overrides: Sequence[str] = ()):
     """The composed ``conf/sim.yaml`` with ``overrides`` (what ``python -m sim.run`` would see)."""
     register()
     return conf.compose("sim", overrides)
+
+
+conf.add_registrar(register)

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 
 from omegaconf import DictConfig, OmegaConf
 
-from conf import ConfigError, shapes, to_hw, to_model
-from sim.config import MIXED_ATTENTION, QUANTILES, EngineConf, RouterConf, SchedulerConf, WorkloadConf
+from conf import ConfigError, check_fields, shapes, to_hw, to_model, warn_once
+from conf.schema import ParallelConf
+from sim.config import MIXED_ATTENTION, QUANTILES, EngineConf, RouterConf, SchedulerConf, SimConf, WorkloadConf
 from sim.costs import BatchCost
 from sim.engine import Engine, Replica
 from sim.router import ROUTERS
@@ -24,14 +26,24 @@ from sim import workload as workloads
 @dataclass
 class SimResult:
     summary: dict[str, float]
-    requests: object = None            # pandas DataFrame per request, when sim.keep_requests
+    columns: dict | None = None        # per-request numpy columns, when sim.keep_requests
     memory: MemoryPlan | None = None
     timeline: list = field(default_factory=list)   # (t_s, replica, kv_used_frac, batch, running, waiting,
     #                                                 kv_cached_frac, prefix_hit_rate so far)
     trace: list = field(default_factory=list)      # (replica, stage, start_s, dur_s, kind, batch, tokens)
     op_source: str = ""
-    band: dict | None = None           # metric -> (p10, p50, p90) when run with sim.band
+    band: dict | None = None           # metric -> (low, p50 run, high) over the sim.band runs
+    band_runs: dict | None = None      # metric -> {"p10": ..., "p50": ..., "p90": ...} per op-time run
     replicas: list = field(default_factory=list)   # per replica: requests, KV use, prefix cache
+    _frame: object = field(default=None, repr=False)
+
+    @property
+    def requests(self):
+        """One row per request (pandas DataFrame, built on first use), None when not kept."""
+        if self._frame is None and self.columns is not None:
+            import pandas as pd
+            self._frame = pd.DataFrame(self.columns)
+        return self._frame
 
 
 def _validate(cfg: DictConfig) -> None:
@@ -54,6 +66,9 @@ def _validate(cfg: DictConfig) -> None:
                           "scheduler.prefix_caching=true")
     if cfg.router.get("max_imbalance", 0) < 0:
         raise ConfigError(f"router.max_imbalance={cfg.router.max_imbalance} must be >= 0")
+    for name, schema in (("workload", WorkloadConf), ("scheduler", SchedulerConf), ("router", RouterConf),
+                         ("sim", SimConf), ("parallel", ParallelConf)):
+        check_fields(cfg[name], schema, name)
     workloads.validate(wl)
 
 
@@ -152,8 +167,9 @@ def simulate(cfg: DictConfig, op_times=None, *, outputs: bool | None = None) -> 
                           f"{plan.num_blocks} KV blocks minus the watermark cannot hold one "
                           f"{longest}-token request")
     wl = WorkloadConf(**OmegaConf.to_container(cfg.workload, resolve=True))
+    counts: dict = {}
     stream = workloads.requests(wl, int(cfg.seed), longest, cfg.sim.data_dir,   # checks the trace
-                                sc.block_size)
+                                sc.block_size, counts)
     if op_times is None:
         op_times = load_op_times_for(cfg)
     elif getattr(op_times, "tp", tp) != tp or getattr(getattr(op_times, "model", model), "name", model.name) != model.name:
@@ -177,13 +193,25 @@ def simulate(cfg: DictConfig, op_times=None, *, outputs: bool | None = None) -> 
     loop = Engine(replicas, cfg.router.name, int(cfg.seed), metrics, cfg.sim.fast_forward,
                   trace, cfg.sim.max_trace_events, timeline, router_conf)
     t_loop = time.perf_counter()
-    end_s = loop.run(stream)
+    with Progress(metrics, wl.num_requests, enabled=bool(cfg.sim.progress)):
+        end_s = loop.run(stream)
     loop_s = time.perf_counter() - t_loop
     if metrics.num_requests != cfg.workload.num_requests:
         raise RuntimeError(f"simulation ended with {metrics.num_requests} of "
                            f"{cfg.workload.num_requests} requests complete")
-    requests = metrics.requests_frame()
-    summary = metrics.summary(requests)
+    if counts["clipped"]:   # once per process: a search would say it for every probe
+        warn_once(("clipped", wl.name, longest),
+                  f"{counts['clipped']} of {metrics.num_requests} requests were longer than the "
+                  f"{longest}-token request limit (prompt + output; workload.max_request_tokens, else "
+                  f"{model.name}'s max_position"
+                  f"{'' if SCHEDULERS[sc.name].chunked else ', capped by the token budget of an unchunked scheduler'}"
+                  f") and were clipped to it; workload.too_long=error refuses such runs instead", "sim")
+    check_queries = getattr(op_times, "warn_outside_trained", None)
+    if check_queries:
+        check_queries()
+    columns = metrics.request_columns()
+    summary = metrics.summary(columns)
+    summary["num_clipped_requests"] = float(counts["clipped"])
     summary.update(_utilisation(metrics, hw, model, lay, n_rep, end_s))
     summary["kv_util_mean"] = (sum(r.kv_area for r in replicas)
                                / (plan.num_blocks * len(replicas) * end_s)) if end_s > 0 else math.nan
@@ -194,12 +222,59 @@ def simulate(cfg: DictConfig, op_times=None, *, outputs: bool | None = None) -> 
     summary.update(prefix_stats([r.blocks for r in replicas]))
     summary["wall_s"] = time.perf_counter() - wall0
     summary["loop_wall_s"] = loop_s
-    result = SimResult(summary, requests, plan, timeline or [], trace or [],
+    result = SimResult(summary, columns, plan, timeline or [], trace or [],
                        getattr(op_times, "source", ""), replicas=replica_rows(replicas, end_s))
     if writing and cfg.sim.out_dir:
         from sim.outputs import write_outputs
         write_outputs(result, cfg)
     return result
+
+
+PROGRESS_DELAY_S = 2.0
+
+
+class Progress:
+    """A progress bar with ETA (tqdm, on stderr) over completed requests, for runs that take
+    longer than PROGRESS_DELAY_S: short runs (and the search's probes) print nothing and pay
+    only a counter check per 1024 completions."""
+
+    def __init__(self, metrics, total: int, enabled: bool = True):
+        self.metrics, self.total, self.enabled, self.delay_s = metrics, total, enabled, PROGRESS_DELAY_S
+        self.bar = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        self.t0 = time.perf_counter()
+        m, complete = self.metrics, self.metrics.complete
+
+        def counted(r, now):
+            complete(r, now)
+            if not m.num_requests & 1023:
+                self.tick()
+        m.complete = counted          # instance attribute: the engine's m.complete finds it
+        return self
+
+    def tick(self) -> None:
+        done = self.metrics.num_requests
+        if self.bar is None:
+            if time.perf_counter() - self.t0 < self.delay_s:
+                return
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.total, initial=done, desc="simulate", unit="req", file=sys.stderr,
+                            mininterval=0.5, dynamic_ncols=True, smoothing=0)
+            # rate and ETA: every completion since the start of the run, on tqdm's clock (time.time)
+            self.bar.initial = 0
+            self.bar.start_t -= time.perf_counter() - self.t0
+        self.bar.update(done - self.bar.n)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            del self.metrics.complete
+        if self.bar is not None:
+            self.bar.update(self.metrics.num_requests - self.bar.n)
+            self.bar.close()
+        return False
 
 
 def _utilisation(m: Metrics, hw, model, lay: shapes.Layout, n_rep: int, end_s: float) -> dict[str, float]:

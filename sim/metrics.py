@@ -160,29 +160,41 @@ class Metrics:
             c["num_generated_tokens"].append(r.decoded)
             c["num_cached_tokens"].append(r.cached_tokens)
 
-    def requests_frame(self):
-        """Per-request DataFrame sorted by request id (None when requests are not kept)."""
+    def request_columns(self) -> dict[str, np.ndarray] | None:
+        """Per-request columns (numpy, sorted by request id), None when requests are not kept.
+        Plain arrays: the CLI writes them to parquet without importing pandas."""
         if not self.keep:
             return None
-        import pandas as pd
-        df = pd.DataFrame({c: np.frombuffer(self.cols[c], dtype=np.float64) for c in COLUMNS})
+        cols = {c: np.frombuffer(self.cols[c], dtype=np.float64) for c in COLUMNS}
         for c in ("request_id", "replica", "num_prefill_tokens", "num_decode_tokens", "num_preemptions",
                   "num_generated_tokens", "num_cached_tokens"):
-            df[c] = df[c].astype(np.int64)
-        df["ttft_s"] = df.first_token_s - df.arrived_at_s
-        df["e2e_s"] = df.completed_at_s - df.arrived_at_s
-        df["tpot_s"] = np.where(df.num_decode_tokens > 1, (df.completed_at_s - df.first_token_s)
-                                / (df.num_decode_tokens - 1).clip(lower=1), np.nan)
-        df["norm_e2e_s"] = df.e2e_s / df.num_decode_tokens
-        df["sched_delay_s"] = df.first_scheduled_s - df.arrived_at_s
-        return df.sort_values("request_id", kind="stable").reset_index(drop=True)
+            cols[c] = cols[c].astype(np.int64)
+        cols["ttft_s"] = cols["first_token_s"] - cols["arrived_at_s"]
+        cols["e2e_s"] = cols["completed_at_s"] - cols["arrived_at_s"]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cols["tpot_s"] = np.where(cols["num_decode_tokens"] > 1,
+                                      (cols["completed_at_s"] - cols["first_token_s"])
+                                      / np.maximum(cols["num_decode_tokens"] - 1, 1), np.nan)
+        cols["norm_e2e_s"] = cols["e2e_s"] / cols["num_decode_tokens"]
+        cols["sched_delay_s"] = cols["first_scheduled_s"] - cols["arrived_at_s"]
+        order = np.argsort(cols["request_id"], kind="stable")
+        return {c: v[order] for c, v in cols.items()}
+
+    def requests_frame(self):
+        """Per-request DataFrame sorted by request id (None when requests are not kept)."""
+        cols = self.request_columns()
+        if cols is None:
+            return None
+        import pandas as pd
+        return pd.DataFrame(cols)
 
     def summary(self, requests=None) -> dict[str, float]:
         out: dict[str, float] = {}
         for m in REQUEST_METRICS:
             h = self.hist[m]
             if requests is not None and m in requests:
-                v = requests[m].dropna().to_numpy()
+                v = np.asarray(requests[m], dtype=np.float64)
+                v = v[~np.isnan(v)]
                 vals = [float(v.mean()) if len(v) else math.nan] + \
                        [float(np.percentile(v, p)) if len(v) else math.nan for p in (50, 90, 99)]
             else:

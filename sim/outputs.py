@@ -2,36 +2,68 @@
 
 All writes are atomic (conf.files.atomic_write). Perfetto/Chrome trace: one process per
 replica, one thread per pipeline stage, one slice per batch (open it at ui.perfetto.dev).
+Tables are written with pyarrow and figures as SVG (sim/svg.py), so that writing the outputs
+of a small run costs milliseconds, not the ~1 s that importing pandas and matplotlib takes.
+A run directory is claimed before the simulation starts (``claim_run_dir``): two runs never
+share one, and a directory that holds a run is never written over.
 """
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
+import numpy as np
 from omegaconf import OmegaConf
 
-from conf.files import atomic_write, write_text
-
+from conf import ConfigError
+from conf.files import atomic_write, check_writable, write_text
 from sim.metrics import PREFIX_KEYS, REQUEST_METRICS, STATS
 
+TIMELINE_COLUMNS = ("time_s", "replica", "kv_util", "batch_size", "num_running", "num_waiting",
+                    "kv_cached", "prefix_hit_rate")
+RUN_MARKER = ".opcast-run"     # created exclusively by the run that owns the directory
+MAX_PLOT_POINTS = 600          # time bins (and CDF points) per series in the figures
 
-def summary_table(summary: dict, band: dict | None = None) -> str:
+
+def summary_table(summary: dict, band: dict | None = None, band_runs: dict | None = None) -> str:
     """The headline table: one row per request metric (mean, p50, p90, p99), then the rest."""
     lines = [f"{'metric':<16}" + "".join(f"{s:>12}" for s in STATS)]
     for m in REQUEST_METRICS:
         lines.append(f"{m:<16}" + "".join(f"{summary[f'{m}_{s}']:>12.4f}" for s in STATS))
-    rest = ("num_requests", "num_preemptions", "throughput_rps", "throughput_tok_s", "batch_size_mean",
-            "kv_util_mean", "kv_util_peak", *PREFIX_KEYS, "mfu", "mbu", "sim_time_s", "wall_s")
+    rest = ("num_requests", "num_clipped_requests", "num_preemptions", "throughput_rps",
+            "throughput_tok_s", "batch_size_mean", "kv_util_mean", "kv_util_peak", *PREFIX_KEYS,
+            "mfu", "mbu", "sim_time_s", "wall_s")
     lines.append("")
     for k in rest:
         if k in summary:
             lines.append(f"{k:<22}{summary[k]:>14.4f}")
     if band:
         lines.append("")
-        lines.append(f"{'band (op times)':<20}{'p10':>12}{'p50':>12}{'p90':>12}")
-        for k, (lo, mid, hi) in band.items():
-            lines.append(f"{k:<20}{lo:>12.4f}{mid:>12.4f}{hi:>12.4f}")
+        lines.extend(band_table(band, band_runs))
     return "\n".join(lines)
+
+
+def band_table(band: dict, runs: dict | None) -> list[str]:
+    """The sim.band rows: each metric in the runs with p10, p50 and p90 operator times, and its
+    band over those runs (low..high). A metric need not move with the operator times: faster
+    operators let the scheduler batch and admit differently (and preempt at other moments), so
+    e.g. a p10-ops run can show a higher TTFT p90 than the p50 run; such rows are marked."""
+    lines = [f"{'band over runs':<20}{'ops p10':>12}{'ops p50':>12}{'ops p90':>12}{'low':>12}{'high':>12}"]
+    crossed = []
+    for k, (lo, mid, hi) in band.items():
+        r = (runs or {}).get(k, {})
+        per = [r.get(q, float("nan")) for q in ("p10", "p50", "p90")]
+        monotone = per[0] <= per[1] <= per[2] or per[0] >= per[1] >= per[2]
+        if runs and not monotone:
+            crossed.append(k)
+        lines.append(f"{k:<20}" + "".join(f"{v:>12.4f}" for v in (*per, lo, hi))
+                     + ("" if monotone or not runs else " *"))
+    if crossed:
+        lines.append("* not monotone in the operator times: the runs batch, admit and preempt "
+                     "differently; low..high is the band over the runs")
+    return lines
 
 
 def perfetto_events(trace: list, pp: int) -> dict:
@@ -48,9 +80,72 @@ def perfetto_events(trace: list, pp: int) -> dict:
     return {"traceEvents": events, "displayTimeUnit": "ms"}
 
 
+def run_dir_name(cfg, model_name: str) -> Path:
+    """Default run directory of ``python -m sim.run``: outputs/sim/<hw>-<model>-<scheduler>-<workload>/<time>."""
+    return (Path("outputs") / "sim" / f"{cfg.hw.name}-{model_name}-{cfg.scheduler.name}-{cfg.workload.name}"
+            / time.strftime("%Y-%m-%d_%H-%M-%S"))
+
+
+def claim_run_dir(out_dir: str | Path | None, default: Path) -> Path:
+    """The directory this run writes, created and claimed before any work.
+
+    ``out_dir`` given (sim.out_dir): it must be writable and must not hold another run. Not
+    given: ``default``, or ``default_2``, ``_3``, ... when a run started in the same second has
+    it. Claiming creates ``.opcast-run`` exclusively, so two processes never get one directory.
+    """
+    if out_dir:
+        d = check_writable(out_dir, "sim.out_dir")
+        if not _claim(d):
+            raise ConfigError(f"sim.out_dir={str(out_dir)!r} already holds a run (summary.json or "
+                              f"{RUN_MARKER}); choose another directory or remove that one")
+        return d
+    check_writable(default.parent, "sim.out_dir")
+    for n in range(1, 10000):
+        d = default if n == 1 else default.with_name(f"{default.name}_{n}")
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue
+        if _claim(d):
+            return d
+    raise ConfigError(f"no free run directory next to {default}")
+
+
+def _claim(d: Path) -> bool:
+    if (d / "summary.json").exists():
+        return False
+    try:
+        fd = os.open(d / RUN_MARKER, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    os.write(fd, f"pid {os.getpid()} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+    os.close(fd)
+    return True
+
+
+def _write_parquet(path: Path, columns: dict) -> Path:
+    """Numeric numpy columns as a parquet file. Arrow arrays are made from the numpy buffers:
+    pa.array/pa.table on numpy import pandas (0.15 s)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    arrays = []
+    for values in columns.values():
+        v = np.ascontiguousarray(values)
+        arrays.append(pa.Array.from_buffers(pa.from_numpy_dtype(v.dtype), len(v), [None, pa.py_buffer(v)]))
+    table = pa.Table.from_arrays(arrays, names=list(columns))
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def timeline_columns(timeline: list) -> dict[str, np.ndarray]:
+    rows = np.asarray(timeline, dtype=np.float64).reshape(-1, len(TIMELINE_COLUMNS))
+    cols = {c: rows[:, i] for i, c in enumerate(TIMELINE_COLUMNS)}
+    for c in ("replica", "batch_size", "num_running", "num_waiting", "kv_cached"):
+        cols[c] = cols[c].astype(np.int64)
+    return cols
+
+
 def write_outputs(result, cfg) -> dict[str, Path]:
     """Write result's files under cfg.sim.out_dir; returns name -> path."""
-    import pandas as pd
     out = Path(cfg.sim.out_dir)
     paths: dict[str, Path] = {}
     paths["config"] = write_text(out / "config.yaml", OmegaConf.to_yaml(cfg))
@@ -59,18 +154,17 @@ def write_outputs(result, cfg) -> dict[str, Path]:
         summary["band"] = {k: list(v) for k, v in result.band.items()}
     if result.replicas:
         summary["replicas"] = result.replicas
+    if getattr(result, "band_runs", None):
+        summary["band_runs"] = result.band_runs
     paths["summary"] = write_text(out / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
     # The same run in `vllm bench serve`'s result schema, for tooling that reads vLLM's JSON.
     from sim.vllm_bench import from_simulation
     paths["vllm_result"] = write_text(out / "vllm_result.json",
                                       json.dumps(from_simulation(result, cfg, cfg.sim.vllm_detailed)))
-    if result.requests is not None:
-        paths["requests"] = atomic_write(out / "requests.parquet",
-                                    lambda tmp: result.requests.to_parquet(tmp, index=False))
-    timeline = pd.DataFrame(result.timeline, columns=["time_s", "replica", "kv_util", "batch_size",
-                                                       "num_running", "num_waiting", "kv_cached",
-                                                       "prefix_hit_rate"])
-    paths["timeline"] = atomic_write(out / "timeline.parquet", lambda tmp: timeline.to_parquet(tmp, index=False))
+    if result.columns is not None:
+        paths["requests"] = _write_parquet(out / "requests.parquet", result.columns)
+    timeline = timeline_columns(result.timeline)
+    paths["timeline"] = _write_parquet(out / "timeline.parquet", timeline)
     if cfg.sim.trace and result.trace:
         doc = perfetto_events(result.trace, cfg.parallel.pp)
         paths["trace"] = write_text(out / "trace.json", json.dumps(doc))
@@ -79,39 +173,63 @@ def write_outputs(result, cfg) -> dict[str, Path]:
     return paths
 
 
-def plot(result, timeline, out: Path) -> dict[str, Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+def aggregate(time_s: np.ndarray, values: np.ndarray, bins: int = MAX_PLOT_POINTS):
+    """A step series (value holds until the next sample) as at most ``bins`` time bins: bin
+    starts, mean, min and max of the samples in each bin; an empty bin holds the last value.
+    A million-request run has millions of samples, which drawn one by one make a solid blob."""
+    t, v = np.asarray(time_s, dtype=float), np.asarray(values, dtype=float)
+    if len(t) <= bins:
+        return t, v, v, v
+    t0, t1 = float(t[0]), float(t[-1])
+    edges = np.linspace(t0, t1, bins + 1)
+    idx = np.clip(np.searchsorted(edges, t, side="right") - 1, 0, bins - 1)
+    count = np.bincount(idx, minlength=bins)
+    mean = np.bincount(idx, weights=v, minlength=bins) / np.maximum(count, 1)
+    lo, hi = np.full(bins, np.inf), np.full(bins, -np.inf)
+    np.minimum.at(lo, idx, v)
+    np.maximum.at(hi, idx, v)
+    for i in np.flatnonzero(count == 0):       # steps-post: an empty bin holds the last value
+        prev = mean[i - 1] if i else v[0]
+        mean[i] = lo[i] = hi[i] = prev
+    return edges[:-1], mean, lo, hi
+
+
+def _cdf(values: np.ndarray, points: int = MAX_PLOT_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    v = np.sort(values[np.isfinite(values)])
+    if len(v) <= points:
+        return v, np.arange(1, len(v) + 1) / max(len(v), 1)
+    q = np.linspace(0, 1, points)
+    return np.quantile(v, q), q
+
+
+def plot(result, timeline: dict, out: Path) -> dict[str, Path]:
+    """cdf.svg (per-request latency CDFs) and timeseries.svg (KV use, batch size and queue
+    over time, aggregated to MAX_PLOT_POINTS time bins with the per-bin min..max shaded)."""
+    from sim.svg import Panel, Series, chart
     paths = {}
-    if result.requests is not None and len(result.requests):
-        fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
-        for ax, m in zip(axes, ("ttft_s", "tpot_s", "e2e_s", "sched_delay_s")):
-            v = np.sort(result.requests[m].dropna().to_numpy())
-            ax.plot(v, np.arange(1, len(v) + 1) / max(len(v), 1))
-            ax.set_xlabel(m)
-            ax.set_ylabel("CDF")
-            ax.grid(alpha=0.3)
-        fig.tight_layout()
-        paths["cdf"] = atomic_write(out / "cdf.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-        plt.close(fig)
-    if len(timeline):
-        caching = bool((timeline.kv_cached > 0).any())     # prefix caching: two more panels
-        panels = [("kv_util", "KV cache used"), ("batch_size", "batch size"), ("num_waiting", "waiting requests")]
-        if caching:
-            panels += [("kv_cached", "KV blocks cached"), ("prefix_hit_rate", "prefix hit rate so far")]
-        fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.3 * len(panels)), sharex=True)
-        for rep, g in timeline.groupby("replica"):
-            for ax, (col, _) in zip(axes, panels):
-                ax.plot(g.time_s, g[col], lw=0.8, drawstyle="steps-post", label=f"replica {rep}")
-        for ax, (_, lab) in zip(axes, panels):
-            ax.set_ylabel(lab)
-            ax.grid(alpha=0.3)
-        axes[-1].set_xlabel("time (s)")
-        if timeline.replica.nunique() <= 8:
-            axes[0].legend(fontsize=7)
-        fig.tight_layout()
-        paths["timeseries"] = atomic_write(out / "timeseries.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-        plt.close(fig)
+    cols = result.columns
+    if cols is not None and len(cols["request_id"]):
+        panels = []
+        for m in ("ttft_s", "tpot_s", "e2e_s", "sched_delay_s"):
+            x, y = _cdf(np.asarray(cols[m], dtype=float))
+            panels.append(Panel(m, "CDF", [Series(x, y)]))
+        paths["cdf"] = write_text(out / "cdf.svg", chart(panels, cols=4, panel_w=300))
+    t = timeline["time_s"]
+    if len(t):
+        replicas = np.unique(timeline["replica"])
+        series = [("kv_util", "KV cache used"), ("batch_size", "batch size"), ("num_waiting", "waiting requests")]
+        if bool((timeline["kv_cached"] > 0).any()):     # prefix caching: two more panels
+            series += [("kv_cached", "KV blocks cached"), ("prefix_hit_rate", "prefix hit rate so far")]
+        panels = [Panel("", label) for _, label in series]
+        panels[-1].xlabel = "time (s)"
+        for rep in replicas[:8]:      # more replicas than colours: the first 8
+            sel = timeline["replica"] == rep
+            for panel, (col, _) in zip(panels, series):
+                tb, mean, lo, hi = aggregate(t[sel], timeline[col][sel])
+                panel.series.append(Series(tb, mean, f"replica {rep}", step=True,
+                                           low=lo if len(tb) < sel.sum() else None,
+                                           high=hi if len(tb) < sel.sum() else None))
+        title = "" if len(replicas) <= 8 else f"first 8 of {len(replicas)} replicas"
+        paths["timeseries"] = write_text(out / "timeseries.svg",
+                                         chart(panels, cols=1, panel_w=900, panel_h=200, title=title))
     return paths

@@ -1,10 +1,11 @@
 """Request streams: arrival times and prompt/output lengths, generated lazily and seedably.
 
-``requests(wl, seed, max_request_tokens, data_dir, block_size)`` yields ``(arrived_at_s,
-prefill_tokens, decode_tokens)`` in arrival order, so a million-request run never holds them
-all. Lengths are clipped so prompt + output <= ``max_request_tokens`` (the longer side is
-shortened; each keeps at least half of the limit if it asked for that much), as a server with
-that ``max_model_len`` would need.
+``requests(wl, seed, max_request_tokens, data_dir, block_size, counts)`` yields
+``(arrived_at_s, prefill_tokens, decode_tokens)`` in arrival order, so a million-request run
+never holds them all. A request longer than ``max_request_tokens`` (prompt + output) is, per
+``workload.too_long``, clipped (the longer side is shortened; each keeps at least half of the
+limit if it asked for that much; counted in ``counts["clipped"]``) or refused before the run
+starts ("error"), as a server with that ``max_model_len`` would refuse it.
 
 Prefix structure (``workload.prefix``, or a trace's ``prefix_hashes`` column) adds a fourth
 item: the content keys of the prompt's full KV blocks (of ``block_size`` tokens) that other
@@ -25,8 +26,8 @@ from typing import Iterator
 
 import numpy as np
 
-from conf import ConfigError
-from sim.config import ARRIVALS, LENGTHS, PREFIXES
+from conf import ConfigError, warn_once
+from sim.config import ARRIVALS, LENGTHS, PREFIXES, TOO_LONG
 
 REPO = Path(__file__).resolve().parents[1]
 KEY_BITS = 24            # synthetic keys: segment << KEY_BITS | block index (< 16M blocks)
@@ -61,18 +62,22 @@ def load_trace_keyed(trace: str, data_dir: str, need_arrivals: bool, block_size:
     if not path.exists():
         avail = sorted(p.stem for p in path.parent.glob("*.parquet")) if path.parent.exists() else []
         raise ConfigError(f"trace file {path} not found; available traces: {avail or 'none'}")
-    table = pq.read_table(path)
+    try:   # ParquetFile, not read_table: that imports pyarrow.dataset (0.15 s) for nothing
+        table = pq.ParquetFile(path).read()
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        raise ConfigError(f"trace {path} is not a readable parquet file "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     cols = set(table.column_names)
     missing = {"num_prefill_tokens", "num_decode_tokens"} - cols
     if missing:
         raise ConfigError(f"trace {path} lacks columns {sorted(missing)}")
-    prefill = table["num_prefill_tokens"].to_numpy().astype(np.int64)
-    decode = table["num_decode_tokens"].to_numpy().astype(np.int64)
+    prefill = column(table, "num_prefill_tokens", np.int64)
+    decode = column(table, "num_decode_tokens", np.int64)
     arrivals = None
     if need_arrivals:
         if "arrived_at_s" not in cols:
             raise ConfigError(f"trace {path} has no arrived_at_s column; use workload.arrival=poisson")
-        arrivals = table["arrived_at_s"].to_numpy(zero_copy_only=False).astype(np.float64)
+        arrivals = column(table, "arrived_at_s", np.float64)
         if np.isnan(arrivals).any():
             raise ConfigError(f"trace {path} has no arrival times (NaN arrived_at_s); "
                               f"use workload.arrival=poisson")
@@ -123,11 +128,26 @@ def block_keys(hashes: list, hash_block_tokens: int, block_size: int) -> list:
                       f"{block_size}: one must divide the other")
 
 
+def column(table, name: str, dtype) -> np.ndarray:
+    """A numeric parquet column as numpy. pyarrow's to_numpy imports pandas (0.15 s), so
+    null-free chunks are read from their buffers; nulls (None) become NaN via to_numpy."""
+    import pyarrow as pa
+    col, want = table[name], pa.from_numpy_dtype(np.dtype(dtype))
+    if col.type != want:
+        col = col.cast(want)          # imports pyarrow.compute (0.05 s): only when needed
+    if col.null_count:
+        return col.to_numpy().astype(dtype)
+    parts = [np.frombuffer(c.buffers()[1], dtype=dtype)[c.offset:c.offset + len(c)] for c in col.chunks]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
 def validate(wl) -> None:
     if wl.arrival not in ARRIVALS:
         raise ConfigError(f"workload.arrival={wl.arrival!r}; choose one of {list(ARRIVALS)}")
     if wl.lengths not in LENGTHS:
         raise ConfigError(f"workload.lengths={wl.lengths!r}; choose one of {list(LENGTHS)}")
+    if wl.too_long not in TOO_LONG:
+        raise ConfigError(f"workload.too_long={wl.too_long!r}; choose one of {list(TOO_LONG)}")
     if wl.num_requests < 1:
         raise ConfigError(f"workload.num_requests={wl.num_requests} must be >= 1")
     if wl.arrival in ("poisson", "gamma") and not wl.qps > 0:
@@ -214,11 +234,12 @@ def _lengths(wl, rng: random.Random, trace_prefill, trace_decode, in_order: bool
 
 
 def requests(wl, seed: int, max_request_tokens: int, data_dir: str = "data",
-             block_size: int = 16) -> Iterator[tuple]:
+             block_size: int = 16, counts: dict | None = None) -> Iterator[tuple]:
     """``wl.num_requests`` (arrived_at_s, prefill_tokens, decode_tokens[, block keys[, session]]),
     arrival-ordered, as a lazy iterator (sessions: their first turns; the engine asks each
     Session for the next); config and trace errors are raised here, before anything is
-    generated - except a session longer than the context, found when it is drawn."""
+    generated - except a session longer than the context, found when it is drawn.
+    ``counts["clipped"]`` (when given) counts the requests clipped to ``max_request_tokens``."""
     validate(wl)
     trace_arrivals = trace_prefill = trace_decode = trace_keys = None
     if wl.lengths == "trace":
@@ -226,30 +247,56 @@ def requests(wl, seed: int, max_request_tokens: int, data_dir: str = "data",
             wl.trace, data_dir, wl.arrival == "trace", block_size)
     if max_request_tokens < 2:
         raise ConfigError(f"max_request_tokens={max_request_tokens} must be >= 2")
+    if wl.too_long == "error":
+        _refuse_too_long(wl, max_request_tokens, trace_prefill, trace_decode)
+    if wl.arrival == "trace" and wl.num_requests > len(trace_prefill):
+        passes = -(-wl.num_requests // len(trace_prefill))
+        warn_once(("cycled", wl.trace, wl.num_requests),
+                  f"workload: trace {wl.trace} has {len(trace_prefill)} rows; workload.num_requests="
+                  f"{wl.num_requests} replays it {passes} times, each pass shifted by the trace's span", "sim")
     arrival_rng, length_rng = random.Random(seed * 2 + 1), random.Random(seed * 2 + 2)
     prefix_rng = random.Random(f"prefix:{seed}")     # its own stream: lengths stay as without
     arrivals = _arrival_times(wl, arrival_rng, trace_arrivals)
     keyed = trace_keys if wl.prefix == "none" else None
     lengths = _lengths(wl, length_rng, trace_prefill, trace_decode, wl.arrival == "trace", keyed)
+    counts = {} if counts is None else counts
+    counts["clipped"] = 0
     if wl.prefix == "sessions":
         return _sessions(wl, arrivals, lengths, max_request_tokens, block_size, prefix_rng)
     if wl.prefix in ("shared", "tree"):
         prefixes = (_shared_prefixes if wl.prefix == "shared" else _tree_prefixes)(wl, prefix_rng, block_size)
-        return _stream_keyed(wl.num_requests, arrivals, lengths, max_request_tokens, block_size, prefixes)
+        return _stream_keyed(wl.num_requests, arrivals, lengths, max_request_tokens, block_size, counts, prefixes)
     if keyed is not None:
-        return _stream_keyed(wl.num_requests, arrivals, lengths, max_request_tokens, block_size)
-    return _stream(wl.num_requests, arrivals, lengths, max_request_tokens)
+        return _stream_keyed(wl.num_requests, arrivals, lengths, max_request_tokens, block_size, counts)
+    return _stream(wl.num_requests, arrivals, lengths, max_request_tokens, counts)
 
 
-def _clip(prefill: int, decode: int, max_request_tokens: int) -> tuple[int, int]:
+def _refuse_too_long(wl, limit: int, trace_prefill, trace_decode) -> None:
+    """workload.too_long=error: ConfigError when any request could exceed ``limit`` tokens."""
+    fix = "lower the lengths, raise workload.max_request_tokens, or set workload.too_long=clip"
+    if wl.lengths == "fixed" and wl.prefill_tokens + wl.decode_tokens > limit:
+        raise ConfigError(f"workload: requests of {wl.prefill_tokens} + {wl.decode_tokens} tokens "
+                          f"exceed the {limit}-token request limit; {fix}")
+    if wl.lengths in ("uniform", "zipf") and wl.max_tokens > limit:
+        raise ConfigError(f"workload.max_tokens={wl.max_tokens} exceeds the {limit}-token request "
+                          f"limit; {fix}")
+    if wl.lengths == "trace":
+        over = int(((trace_prefill + trace_decode) > limit).sum())
+        if over:
+            raise ConfigError(f"workload: {over} of the {len(trace_prefill)} rows of trace {wl.trace} "
+                              f"exceed the {limit}-token request limit; {fix}")
+
+
+def _clip(prefill: int, decode: int, max_request_tokens: int, counts: dict) -> tuple[int, int]:
     prefill, decode = max(1, int(prefill)), max(1, int(decode))
     if prefill + decode > max_request_tokens:
         prefill = min(prefill, max_request_tokens - min(decode, max_request_tokens // 2))
         decode = min(decode, max_request_tokens - prefill)
+        counts["clipped"] += 1
     return prefill, decode
 
 
-def _stream(num_requests, arrivals, lengths, max_request_tokens):
+def _stream(num_requests, arrivals, lengths, max_request_tokens, counts):
     for _ in range(num_requests):      # (_clip inlined: this is every plain request's path)
         t = next(arrivals)
         prefill, decode = next(lengths)
@@ -257,10 +304,11 @@ def _stream(num_requests, arrivals, lengths, max_request_tokens):
         if prefill + decode > max_request_tokens:
             prefill = min(prefill, max_request_tokens - min(decode, max_request_tokens // 2))
             decode = min(decode, max_request_tokens - prefill)
+            counts["clipped"] += 1
         yield t, prefill, decode
 
 
-def _stream_keyed(num_requests, arrivals, lengths, max_request_tokens, block_size, prefixes=None):
+def _stream_keyed(num_requests, arrivals, lengths, max_request_tokens, block_size, counts, prefixes=None):
     """Requests with block keys: from trace rows (prefixes None) or a shared prefix each
     (prefixes yields (prefix tokens, keys); the drawn prompt length comes after it)."""
     for _ in range(num_requests):
@@ -271,7 +319,7 @@ def _stream_keyed(num_requests, arrivals, lengths, max_request_tokens, block_siz
             own, decode = next(lengths)
             prefix, keys = next(prefixes)
             prefill = prefix + max(1, int(own))
-        prefill, decode = _clip(prefill, decode, max_request_tokens)
+        prefill, decode = _clip(prefill, decode, max_request_tokens, counts)
         if len(keys) > prefill // block_size:       # clipped into the shared part
             keys = keys[:prefill // block_size]
         yield t, prefill, decode, keys

@@ -9,11 +9,12 @@ operator tables per (hw, model, tp) in a module-level cache: loaded once per pro
 from __future__ import annotations
 
 import os
+import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from omegaconf import OmegaConf
 
@@ -123,11 +124,24 @@ def run_serial(tasks: Iterable[Task], simulate_fn: SimulateFn, workers: int = 1,
 
 
 _WORKER_SIMULATE: SimulateFn | None = None
+PARENT_POLL_S = 0.5
 
 
-def _init_worker(simulate_fn: SimulateFn) -> None:
+def exit_with_parent(parent_pid: int, poll_s: float = PARENT_POLL_S) -> None:
+    """End this process once ``parent_pid`` is gone. A search killed with kill -9 cannot shut
+    its pool down, and its workers would otherwise finish their candidates, then wait forever
+    on a queue nobody writes (orphans, each holding a core and its operator tables)."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(1)
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _init_worker(simulate_fn: SimulateFn, parent_pid: int) -> None:
     global _WORKER_SIMULATE
     _WORKER_SIMULATE = simulate_fn
+    exit_with_parent(parent_pid)
 
 
 def _pool_task(task: Task) -> TaskResult:
@@ -137,7 +151,7 @@ def _pool_task(task: Task) -> TaskResult:
 def run_pool(tasks: Iterable[Task], simulate_fn: SimulateFn, workers: int = 2,
              address: str | None = None) -> Iterator[TaskResult]:
     pool = ProcessPoolExecutor(max_workers=max(1, workers), initializer=_init_worker,
-                               initargs=(simulate_fn,))
+                               initargs=(simulate_fn, os.getpid()))
     futures = [pool.submit(_pool_task, task) for task in tasks]
     finished = False
     try:

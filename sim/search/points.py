@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from conf import ConfigError
 from conf.files import atomic_write
 
 # Columns of a points row that identify the probe rather than measure it.
@@ -22,12 +23,25 @@ def write_atomic(df: pd.DataFrame, path: Path) -> None:
         atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
 
 
+def _read(path: Path) -> pd.DataFrame:
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as exc:
+        raise ConfigError(f"{path} is not a readable points file ({type(exc).__name__}); move it "
+                          f"away to start the search afresh, or choose another search.out_dir") from None
+    missing = {"config_hash", "qps", "seed"} - set(frame.columns)
+    if len(frame) and missing:
+        raise ConfigError(f"{path} lacks the columns {sorted(missing)} of a points file; move it away "
+                          f"to start the search afresh, or choose another search.out_dir")
+    return frame
+
+
 class PointsStore:
     """points.parquet plus its cache: config_hash -> {(qps, seed): summary dict}."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.frame = pd.read_parquet(self.path) if self.path.exists() else pd.DataFrame()
+        self.frame = _read(self.path) if self.path.exists() else pd.DataFrame()
         self.cache: dict = {}
         metrics = [c for c in self.frame.columns if c not in IDENTITY_COLUMNS]
         for row in self.frame.to_dict("records"):

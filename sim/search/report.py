@@ -110,6 +110,33 @@ def pareto_front(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return mask
 
 
+LABEL_OFFSETS = ((4, 3), (4, -9), (-4, 3), (-4, -9), (4, 12), (-4, 12), (4, -18), (-4, -18))
+
+
+def place_labels(ax, x, y, labels, fontsize: float = 6, avoid=()) -> list:
+    """Annotate points without overprinting: each label takes the first offset around its
+    point where it overlaps no label placed before it (nor the boxes in ``avoid``, e.g. the
+    legend) and stays inside the axes; a label with no such place is left out. Returns the
+    annotations drawn."""
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    inside = ax.get_window_extent(renderer)
+    taken, placed = list(avoid), []
+    for xi, yi, label in sorted(zip(x, y, labels), key=lambda t: (t[0], -t[1])):
+        for dx, dy in LABEL_OFFSETS:
+            ann = ax.annotate(str(label), (xi, yi), xytext=(dx, dy), textcoords="offset points",
+                              fontsize=fontsize, ha="left" if dx > 0 else "right")
+            box = ann.get_window_extent(renderer)
+            fits = (box.x0 >= inside.x0 and box.x1 <= inside.x1 and box.y0 >= inside.y0
+                    and box.y1 <= inside.y1)
+            if fits and not any(box.overlaps(other) for other in taken):
+                taken.append(box)
+                placed.append(ann)
+                break
+            ann.remove()
+    return placed
+
+
 def plot_pareto(ranked: pd.DataFrame, latency_metric: str, path: Path, title: str) -> int:
     """Requests per dollar (95% CI bars where several seeds ran) vs latency at capacity, the
     Pareto front highlighted; returns how many candidates are on the front."""
@@ -120,6 +147,10 @@ def plot_pareto(ranked: pd.DataFrame, latency_metric: str, path: Path, title: st
     ok = ranked[ranked["status"] == "ok"] if "status" in ranked else ranked.iloc[:0]
     col = f"{latency_metric}_at_capacity"
     fig, ax = plt.subplots(figsize=(8, 5.5))
+    ax.set_xlabel(f"{latency_metric} at capacity (s)")
+    ax.set_ylabel("requests per USD (capacity QPS x 3600 / cost per hour)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
     front = np.zeros(0, dtype=bool)
     if len(ok) and col in ok:
         x, y = ok[col].to_numpy(float), ok["requests_per_usd"].to_numpy(float)
@@ -138,16 +169,16 @@ def plot_pareto(ranked: pd.DataFrame, latency_metric: str, path: Path, title: st
                         lw=0.8)
         order = np.argsort(x[front])
         ax.plot(x[front][order], y[front][order], "k--", lw=1, label="Pareto front")
-        for label, xi, yi in zip(ok["config"].to_numpy()[front], x[front], y[front]):
-            ax.annotate(label, (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        ax.legend(fontsize=7)
+        legend = ax.legend(fontsize=7)
+        fig.tight_layout()
+        placed = place_labels(ax, x[front], y[front], ok["config"].to_numpy()[front],
+                              avoid=[legend.get_window_extent(fig.canvas.get_renderer())])
+        if len(placed) < int(front.sum()):
+            ax.text(0.01, 0.01, f"{int(front.sum()) - len(placed)} front labels left out where they "
+                    "would overlap (all in ranked.csv)", transform=ax.transAxes, fontsize=6, color="gray")
     else:
         ax.text(0.5, 0.5, "no config meets the SLO", ha="center", transform=ax.transAxes)
-    ax.set_xlabel(f"{latency_metric} at capacity (s)")
-    ax.set_ylabel("requests per USD (capacity QPS x 3600 / cost per hour)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
+        fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)

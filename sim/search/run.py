@@ -16,8 +16,12 @@ ranks by requests per dollar. Outputs under ``search.out_dir``:
   per candidate (skipped/pruned ones with their reason); pareto.png: requests per USD vs
   latency at capacity, with the Pareto front.
 
+Exit codes: 0 a deployment meets the SLOs, 3 none does (the closest are printed and ranked),
+2 bad input (one ``error:`` line), 1 an unexpected failure (traceback).
+
 Candidates run on a local process pool (``search.workers``; each worker loads operator
-tables once per hw/model/tp) or, with ``search.executor=ray``, as Ray tasks
+tables once per hw/model/tp; workers exit when the search process dies, even by kill -9)
+or, with ``search.executor=ray``, as Ray tasks
 (``pip install 'opcast[ray]'``; ``search.ray_address`` joins a cluster). The pruning and
 seed-screening passes that keep the default search fast are described in ``run_search``.
 """
@@ -35,15 +39,22 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import conf
-from conf import ConfigError, cli
-from sim.search.capacity import slo_limits
+from conf import ConfigError, cli, resolve_model
+from conf.files import check_writable
 from sim.config import register
+from sim.search.capacity import slo_limits
 from sim.search.exec import Task, check_fits, executor, simulate_summary
-from sim.search.report import describe, plot_pareto, rank
 from sim.search.points import PointsStore, write_atomic
-from sim.search.space import (code_fingerprint, config_hash, enumerate_space,
-                              estimator_fingerprint)
+from sim.search.report import describe, plot_pareto, rank
+from sim.search.space import (
+    code_fingerprint,
+    config_hash,
+    enumerate_space,
+    estimator_fingerprint,
+)
 from sim.workload import resolve_data_dir
+
+EXIT_NO_DEPLOYMENT = 3      # the search ran, and no candidate meets the SLOs
 
 # Where one probe's rate, seed and request count live in the simulator's config.
 QPS_KEY = "workload.qps"
@@ -148,11 +159,12 @@ def run_search(cfg: DictConfig, simulate_fn=None, fits=check_fits) -> SearchOutc
     """
     start = time.perf_counter()
     register()
+    resolve_model(cfg)        # model.hf_config: out_dir and labels name the config.json's model
     opts = search_conf(cfg.search)
     limits = slo_limits(OmegaConf.to_container(cfg.slo, resolve=True))
     run = executor(opts.executor)
-    out_dir = Path(opts.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_writable(opts.out_dir, "search.out_dir")   # before any simulation
+    store = PointsStore(out_dir / "points.parquet")             # a corrupt file: one clear line
 
     runnable, skipped = enumerate_space(cfg, fits=fits)
     prices = {}
@@ -161,7 +173,6 @@ def run_search(cfg: DictConfig, simulate_fn=None, fits=check_fits) -> SearchOutc
         if prices[cand.hw] <= 0:
             raise ConfigError(f"hw {cand.hw}: price_per_gpu_hour_usd is not set; the search "
                               f"ranks by cost (set hw.price_per_gpu_hour_usd)")
-    store = PointsStore(out_dir / "points.parquet")
     sim_cfgs, keyed, fingerprints, code = {}, [], {}, code_fingerprint()
     for cand, sim_cfg in runnable:
         OmegaConf.update(sim_cfg, NUM_REQUESTS_KEY, opts.num_requests, force_add=True)
@@ -272,10 +283,11 @@ def _main(cfg: DictConfig) -> None:
           f"{outcome.simulated} probes simulated ({outcome.probe_cpu_s:.0f} CPU s), "
           f"{outcome.reused} reused; {outcome.wall_s:.1f} s; outputs in {outcome.out_dir}")
     print(outcome.message)
+    if not (outcome.ranked["status"] == "ok").any():
+        raise SystemExit(EXIT_NO_DEPLOYMENT)
 
 
 def main() -> None:
-    register()
     cli("search", _main)
 
 
