@@ -44,7 +44,7 @@ GRID_STEPS = 1
 DECODE_MAX_BATCH_LOG2, PREFILL_MAX_BATCH_LOG2 = 12, 8
 MAX_Q_LOG2, MAX_KV_LOG2 = 15, 17
 PREFILL_BATCH_STEPS = 1
-GRID_VERSION = 11  # bump when the tabulation changes, so old disk caches are not reused
+GRID_VERSION = 12  # bump when the tabulation changes, so old disk caches are not reused
 
 # An MoE model's MLP parts, tabulated apart from the other token ops.
 MLP_GEMMS = ("gate_up_proj", "up_proj", "down_proj")
@@ -549,8 +549,9 @@ def load_op_times(hw: HwConf, model: ModelConf, tp: int, quantile: str = "p50",
         key = cache_key("roofline", hw, model, tp, "p50", max_tokens, layout)
         return OpTimes(hw, model, tp, max_tokens=max_tokens, cache_path=cache_dir / f"{key}.npz", layout=layout)
     check_dtypes(preds, model)
-    meta = {"fleet": sorted(f for f, o in preds.origin.items() if o == "fleet"), "fallback": list(preds.fallback),
-            "trained_range": {}}
+    used = families_used(model)     # only what this model queries is worth a word to the user
+    meta = {"fleet": sorted(f for f, o in preds.origin.items() if o == "fleet" and f in used),
+            "fallback": [f for f in preds.fallback if f in used], "trained_range": {}}
     _warn_sources(hw, meta)
     source = f"estimator:{hw.name}:{quantile}"
     if meta["fleet"]:
@@ -564,6 +565,15 @@ def load_op_times(hw: HwConf, model: ModelConf, tp: int, quantile: str = "p50",
     key = cache_key(fingerprint, hw, model, tp, quantile, max_tokens, layout)
     return OpTimes(hw, model, tp, predict=preds.predict_fn(quantile), max_tokens=max_tokens, source=source,
                    cache_path=cache_dir / f"{key}.npz", knows=preds.knows, layout=layout, meta=meta)
+
+
+def families_used(model: ModelConf) -> set[str]:
+    """The operator families a simulation of ``model`` asks the estimator about."""
+    used = {"gemm", "elementwise", "collective"}
+    used.add("mla" if shapes.is_mla(model) else "attention")   # bmm rows price no query yet
+    if model.num_experts:
+        used.add("moe")
+    return used
 
 
 def _warn_sources(hw: HwConf, meta: dict) -> None:
