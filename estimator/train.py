@@ -135,10 +135,15 @@ def run(cfg: DictConfig) -> dict:
         meta = {"serve": serve, "data_sha256": file_sha256(path), "data_path": str(path),
                 "sources": _counts(df), "settings": report["settings"]}
         fit_and_evaluate(df, family, hw, cfg, meta, entry, oof, out)
+    return _write_report(report, oof, out, cfg, hw.name)
+
+
+def _write_report(report: dict, oof: dict, out: Path, cfg, title: str) -> dict:
+    """report.json, report.md (printed) and the out-of-fold plot; says where they went."""
     out.mkdir(parents=True, exist_ok=True)
     _keep_other_families(report, out / "report.json")
     if oof and cfg.eval.plot:
-        ev.plot(oof, out / "pred_vs_measured.png", f"{hw.name}: out-of-fold p50 vs measured")
+        ev.plot(oof, out / "pred_vs_measured.png", f"{title}: out-of-fold p50 vs measured")
     write_bytes(out / "report.json", json.dumps(report, indent=1, sort_keys=True).encode())
     text = report_markdown(report)
     write_bytes(out / "report.md", text.encode())
@@ -245,16 +250,7 @@ def run_fleet(cfg: DictConfig) -> dict:
         meta = {"serve": serve, "data_sha256": hashes, "sources": _counts(df), "settings": report["settings"],
                 "dtypes_by_hw": {n: sorted(g["dtype"].astype(str).unique()) for n, g in df.groupby("hw")}}
         fit_and_evaluate(df, family, None, cfg, meta, entry, oof, out, cards={n: cards[n] for n in df["hw"].unique()})
-    out.mkdir(parents=True, exist_ok=True)
-    _keep_other_families(report, out / "report.json")
-    if oof and cfg.eval.plot:
-        ev.plot(oof, out / "pred_vs_measured.png", "fleet: out-of-fold p50 vs measured")
-    write_bytes(out / "report.json", json.dumps(report, indent=1, sort_keys=True).encode())
-    text = report_markdown(report)
-    write_bytes(out / "report.md", text.encode())
-    print(text)
-    _say_where(report, out, cfg)
-    return report
+    return _write_report(report, oof, out, cfg, "fleet")
 
 
 def _keep_other_families(report: dict, path: Path) -> None:
