@@ -18,6 +18,40 @@ PREFIXES = ("none", "shared", "tree", "sessions")
 TOO_LONG = ("clip", "error")
 QUANTILES = ("p10", "p50", "p90")
 MIXED_ATTENTION = ("one_call", "split")
+SPEC_METHODS = ("none", "draft", "eagle", "mtp", "ngram")
+PREEMPT_MODES = ("recompute", "swap")
+
+
+@dataclass
+class SpecConf:
+    """Speculative decoding (sim/spec.py; vLLM ``--speculative-config``)."""
+    # none | draft (a smaller model, draft_model) | eagle (an EAGLE/EAGLE-3 head) | mtp (a
+    # DeepSeek-style multi-token-prediction module) | ngram (prompt lookup on the CPU)
+    method: str = "none"
+    num_tokens: int = 3               # k: draft tokens per sequence and step (num_speculative_tokens)
+    draft_model: str = ""             # method=draft: a conf/model name with the target's vocabulary
+    # Per-position acceptance, as vLLM reports and its synthetic rejection sampler takes it
+    # (synthetic_acceptance_rates): entry i = share of drafts whose first i+1 tokens were all
+    # accepted; non-increasing, in [0, 1], at least num_tokens entries (the first num_tokens are
+    # used: a position's rate does not depend on how many follow it). [] = the method's published
+    # profile (sim/spec.py DEFAULTS; method=draft has none: its acceptance depends on the pair).
+    acceptance: list = field(default_factory=list)
+    # Share of decode steps a sequence gets a draft at all (ngram: the lookup finds a match);
+    # < 0 = the method's default (1 for model proposers; ngram: measured with its profile).
+    propose_rate: float = -1.0
+
+
+@dataclass
+class OffloadConf:
+    """KV offload to CPU memory (sim/offload.py; vLLM's CPU offloading connector, LMCache)."""
+    # CPU pool per engine (replica, or DP-attention rank), summed over its GPUs as vLLM's
+    # kv_offloading_size is; 0 = off. Evicted cached prefix blocks go there; a later prefix
+    # hit loads them back over PCIe (hw.pcie_bw_gbps) instead of recomputing them.
+    cpu_gib: float = 0.0
+    overlap: bool = True              # loads overlap the forward layer by layer (else they precede it)
+    # recompute: a preempted request's KV is dropped (vLLM V1); swap: it is copied to the CPU
+    # pool and back when the request resumes (vLLM V0's preemption_mode=swap)
+    preempt: str = "recompute"
 
 
 @dataclass
@@ -32,6 +66,14 @@ class SchedulerConf:
     # request ends and a new request reuses its longest cached prefix. vLLM v1 has it on by
     # default (conf/scheduler/vllm_v1.yaml sets true); off here for the other policies.
     prefix_caching: bool = False
+    spec: SpecConf = field(default_factory=SpecConf)          # speculative decoding (off)
+    offload: OffloadConf = field(default_factory=OffloadConf)  # KV offload to CPU (off)
+
+    def __post_init__(self):   # from a plain dict (OmegaConf.to_container of the node)
+        if isinstance(self.spec, dict):
+            self.spec = SpecConf(**self.spec)
+        if isinstance(self.offload, dict):
+            self.offload = OffloadConf(**self.offload)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from sim.metrics import Metrics, prefix_stats, replica_rows
 from sim.prefix_cache import PrefixCache
 from sim.schedulers import SCHEDULERS
 from sim.schedulers.common import Blocks
+from sim import offload, spec
 from sim import workload as workloads
 
 
@@ -116,12 +117,17 @@ def plan_for(cfg: DictConfig, hw=None, model=None) -> MemoryPlan:
     DP-attention rank under ``parallel.dp_attention``."""
     hw, model = hw or to_hw(cfg.hw), model or to_model(cfg.model)
     sc = cfg.scheduler
+    spec.validate(cfg)          # speculative decoding and KV offload: settings the scheduler runs
+    offload.validate(cfg, hw)
     budget = sc.chunk_size if sc.name == "sarathi" else sc.max_tokens_per_batch
-    plan = memory_plan(hw, model, block_size=sc.block_size, layout=shapes.layout_of(model, cfg.parallel),
+    lay = shapes.layout_of(model, cfg.parallel)
+    plan = memory_plan(hw, model, block_size=sc.block_size, layout=lay,
                        gpu_memory_utilization=cfg.sim.gpu_memory_utilization,
                        reserved_gib=cfg.sim.reserved_gib, cuda_graph_gib=cfg.sim.get("cuda_graph_gib", 0.0),
                        max_tokens_per_batch=budget, max_num_seqs=sc.max_num_seqs,
                        max_model_len=max_request_tokens(cfg, model))
+    if spec.enabled(sc):        # a draft model or head takes its weights and KV from the cache
+        plan = spec.plan_with_proposer(plan, cfg, model, lay, max_request_tokens(cfg, model))
     return plan
 
 
@@ -162,7 +168,7 @@ def simulate(cfg: DictConfig, op_times=None, *, outputs: bool | None = None) -> 
     sc = cfg.scheduler
     longest = max_request_tokens(cfg, model)
     free_blocks = plan.num_blocks - int(sc.watermark * plan.num_blocks)
-    if -(-longest // sc.block_size) + 1 > free_blocks:
+    if -(-(longest + spec.lookahead(sc)) // sc.block_size) + 1 > free_blocks:
         raise ConfigError(f"{model.name} does not fit on {hw.name} at tp={tp} pp={pp}: "
                           f"{plan.num_blocks} KV blocks minus the watermark cannot hold one "
                           f"{longest}-token request")
@@ -182,13 +188,19 @@ def simulate(cfg: DictConfig, op_times=None, *, outputs: bool | None = None) -> 
     metrics = Metrics(cfg.sim.keep_requests, engine.frontend_latency_us * 1e-6)
     replicas = []
     sched_conf = SchedulerConf(**OmegaConf.to_container(sc, resolve=True))  # plain attrs: fast
+    draft = spec.draft_cost(cfg, engine, hw) if sched_conf.spec.method == "draft" else None
     # Each DP-attention rank is its own engine core (scheduler, KV cache), as in vLLM.
     for i in range(n_rep * lay.dp):
         cost = BatchCost(op_times, model, pp, engine=engine, interconnect=hw.interconnect,
                          graphs=hw.device == "cuda")
-        blocks = (PrefixCache if sched_conf.prefix_caching else Blocks)(plan.num_blocks, sc.block_size,
-                                                                         sc.watermark)
+        if sched_conf.offload.cpu_gib > 0:
+            blocks = offload.make_cache(sched_conf, plan, lay, hw, cost.layers)
+        else:
+            blocks = (PrefixCache if sched_conf.prefix_caching else Blocks)(plan.num_blocks, sc.block_size,
+                                                                             sc.watermark)
         replicas.append(Replica(i, SCHEDULERS[sc.name](sched_conf), blocks, cost, pp))
+        if spec.enabled(sched_conf):
+            spec.attach(replicas[-1], sched_conf, int(cfg.seed), draft)
     router_conf = RouterConf(**OmegaConf.to_container(cfg.router, resolve=True))
     loop = Engine(replicas, cfg.router.name, int(cfg.seed), metrics, cfg.sim.fast_forward,
                   trace, cfg.sim.max_trace_events, timeline, router_conf)
@@ -220,6 +232,8 @@ def simulate(cfg: DictConfig, op_times=None, *, outputs: bool | None = None) -> 
     summary["kv_capacity_tokens"] = float(plan.num_tokens * lay.dp)     # per replica, all DP ranks
     summary["weight_gib_per_gpu"] = plan.weight_bytes / 2 ** 30
     summary.update(prefix_stats([r.blocks for r in replicas]))
+    summary.update(spec.stats(replicas))                      # only when the feature is on
+    summary.update(offload.stats([r.blocks for r in replicas]))
     summary["wall_s"] = time.perf_counter() - wall0
     summary["loop_wall_s"] = loop_s
     result = SimResult(summary, columns, plan, timeline or [], trace or [],

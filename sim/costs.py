@@ -31,7 +31,7 @@ from conf import shapes
 from conf.schema import DTYPE_BYTES, ModelConf
 from conf.shapes import stage_layers
 
-_MEMOS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_MEMOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 CUSTOM_ALLREDUCE_WORLD_SIZES = (2, 4, 6, 8)   # vLLM CustomAllreduce._SUPPORTED_WORLD_SIZES
 
 
@@ -154,6 +154,21 @@ class BatchCost:
         for s in range(self.pp - 1):
             out[s] += self._send_us(s, num_tokens)
         return out
+
+    def head_us(self, num_tokens: int, prefills: list[tuple[int, int]], num_decodes: int,
+                decode_kv_sum: int, num_sampled: int) -> float:
+        """One pass of a speculative-decoding head (sim/spec.py: EAGLE, MTP) on the first GPU:
+        one decoder layer of this model (its last layer's kind: MoE for an MoE model, as
+        DeepSeek's MTP module) between the embedding and the final norm, LM head and sampler."""
+        op = self.op
+        p = self.padded(num_tokens, not prefills)
+        ar = self.allreduce_us(p)
+        layer = op.layer_token_ops_us(p) + self.ar_layer * ar + self.attention_us(prefills, num_decodes,
+                                                                                  decode_kv_sum)
+        if self._mix is not None:
+            moe = self._mix[-1][1]
+            layer += op.moe_mlp_us(p) + self._moe_ar_delta * ar if moe else op.dense_mlp_us(p)
+        return layer + op.embed_us(p) + self.ar_forward * ar + op.final_norm_us(p) + op.lm_head_us(num_sampled)
 
     # --- MoE blocks and node boundaries (models helper) --------------------------------------
     def _init_sparse(self, model: ModelConf, pp: int) -> None:

@@ -43,7 +43,8 @@ class Request:
 
     __slots__ = ("id", "arrival_s", "prompt", "output", "prefill_target", "prefilled", "decoded",
                  "kv", "blocks", "first_sched_s", "first_token_s", "last_token_s", "preemptions",
-                 "busy", "replica", "done", "hashes", "keys", "num_keyed", "cached_tokens", "session")
+                 "busy", "replica", "done", "hashes", "keys", "num_keyed", "cached_tokens", "session",
+                 "drafts", "swapped")
 
     def __init__(self, rid: int, arrival_s: float, prompt: int, output: int, hashes=None,
                  session=None):
@@ -53,9 +54,12 @@ class Request:
         self.preemptions, self.busy, self.replica, self.done = 0, False, -1, False
         self.hashes, self.keys, self.num_keyed, self.cached_tokens = hashes, (), 0, 0
         self.session = session
+        self.drafts = self.swapped = 0    # sim.spec: draft tokens this step; sim.offload: blocks in CPU
 
 
 class Replica:
+    spec = None          # sim.spec.SpecDecoder when the replica decodes speculatively
+
     def __init__(self, idx: int, scheduler, blocks: Blocks, cost, pp: int):
         self.idx, self.scheduler, self.blocks, self.cost, self.pp = idx, scheduler, blocks, cost, pp
         self.caching = blocks.caching     # a PrefixCache: cache what prefill chunks fill
@@ -184,8 +188,11 @@ class Engine:
         for r, _ in prefills:
             if r.first_sched_s < 0:
                 r.first_sched_s = now
+        if rep.spec is not None:
+            self._start_spec(rep, batch, now)
+            return
         steps, first_end = 1, 0.0
-        if rep.pp == 1 and not prefills:
+        if rep.pp == 1 and not prefills and not rep.blocks.pending:
             b = len(decodes)
             kv_sum, cap = 0, 1 << 62
             for r in decodes:
@@ -257,6 +264,8 @@ class Engine:
         for r in decodes:
             kv_sum += r.kv + 1
         stage_us = rep.cost.stage_us(num_tokens, pre, len(decodes), kv_sum, sampled)
+        if rep.blocks.pending:    # KV copied over PCIe in this step (sim.offload)
+            stage_us = rep.blocks.with_transfers(stage_us)
         m.iterations += 1
         m.batch_size_sum += len(prefills) + len(decodes)
         m.tokens += num_tokens
@@ -283,6 +292,31 @@ class Engine:
         if self.turn_bound:
             rep.done_at = t
         self._sample(rep, now, len(prefills) + len(decodes))
+
+    def _start_spec(self, rep: Replica, batch, now: float) -> None:
+        """One step of speculative decoding (sim.spec, pp = 1): the target verifies every
+        decode's drafts beside any prefill chunks, then the proposer drafts. Never
+        fast-forwarded: each step draws its acceptances."""
+        if rep.caching and batch.prefills:
+            rep.blocks.commit(batch)
+        us, tokens, sampled, pairs, kv_read = rep.spec.step(batch)
+        if rep.blocks.pending:
+            us = rep.blocks.with_transfers([us])[0]
+        m, size = self.metrics, len(batch.prefills) + len(batch.decodes)
+        m.iterations += 1
+        m.batch_size_sum += size
+        m.tokens += tokens
+        m.sampled += sampled
+        m.attn_pairs += pairs
+        m.kv_read_tokens += kv_read
+        end = now + us * 1e-6
+        rep.stage_free_at[0] = end
+        self._trace(rep, 0, now, us * 1e-6, "spec", size, tokens)
+        rep.stage0_busy = True
+        self.push(end, BATCH_DONE, (rep, batch, 1, end))
+        if self.turn_bound:
+            rep.done_at = end
+        self._sample(rep, now, size)
 
     def _block_cap(self, rep: Replica, decodes: list, cap: int) -> int:
         """Most iterations (<= cap) whose extra KV blocks fit in the free ones."""
@@ -320,8 +354,11 @@ class Engine:
                 r.last_token_s = now
                 if r.decoded == r.output:
                     r.done = completed = True
-        gaps = []
-        for r in batch.decodes:
+        gaps, decodes = [], batch.decodes
+        if rep.spec is not None and decodes:
+            completed = rep.spec.advance(rep.blocks, decodes, first_end, now, m) or completed
+            decodes = ()
+        for r in decodes:
             gaps.append(first_end - r.last_token_s)
             r.decoded += steps
             r.kv += steps

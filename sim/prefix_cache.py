@@ -111,18 +111,22 @@ class PrefixCache(Blocks):
         if hit:
             h = req.hashes or ()
             keys = h[:hit] if hit <= len(h) else list(h) + [private_key(req.id, i) for i in range(len(h), hit)]
-            ref, queue = self.ref, self.queue
-            counts = list(map(ref.__getitem__, keys))
-            for k in [k for k, c in zip(keys, counts) if c == 0]:
-                del queue[k]          # reusable but free: it leaves the free queue
-                self.free -= 1
-            ref.update(zip(keys, [c + 1 for c in counts]))
+            self._hold(keys)
             req.keys = keys
             req.num_keyed = req.blocks = hit
             req.kv = req.prefilled = hit * bs
             self.saved_tokens += hit * bs
         self.allocate(req, num_blocks)
         self.register(req, req.kv + num_tokens)
+
+    def _hold(self, keys) -> None:
+        """One more holder of each cached block in keys (the free ones leave the free queue)."""
+        ref, queue = self.ref, self.queue
+        counts = list(map(ref.__getitem__, keys))
+        for k in [k for k, c in zip(keys, counts) if c == 0]:
+            del queue[k]          # reusable but free: it leaves the free queue
+            self.free -= 1
+        ref.update(zip(keys, [c + 1 for c in counts]))
 
     def allocate(self, req, num_blocks: int) -> None:
         if num_blocks > self.free:
@@ -132,7 +136,10 @@ class PrefixCache(Blocks):
         if num_blocks <= self.fresh:
             self.fresh -= num_blocks
             return
-        take = num_blocks - self.fresh
+        self._take(num_blocks - self.fresh)
+
+    def _take(self, take: int) -> None:
+        """Take ``take`` blocks from the head of the free queue (fresh ones are used up)."""
         self.fresh = 0
         queue, ref = self.queue, self.ref
         while take:
@@ -142,6 +149,7 @@ class PrefixCache(Blocks):
                 del queue[k]
                 del ref[k]
                 self.evictions += 1
+                self._evicted(k)
                 take -= 1
             elif run > take:
                 queue[k] = run - take
@@ -149,6 +157,16 @@ class PrefixCache(Blocks):
             else:
                 del queue[k]
                 take -= run
+
+    def _evicted(self, key) -> None:
+        """A cached block was overwritten (sim.offload keeps a copy in CPU memory)."""
+
+    def trim(self, req, num_blocks: int) -> None:
+        """Free req's last num_blocks blocks: unkeyed ones (rejected draft tokens' KV)."""
+        self._anon += 1
+        self.queue[ANON + self._anon] = num_blocks
+        self.free += num_blocks
+        req.blocks -= num_blocks
 
     def register(self, req, num_tokens: int, private: bool = False) -> None:
         """Cache the blocks req's first num_tokens tokens fill, those with a workload key (and,
@@ -177,12 +195,12 @@ class PrefixCache(Blocks):
             if r.hashes:
                 self.register(r, r.kv + n)
 
-    def release(self, req) -> None:
+    def release(self, req, private: bool | None = None) -> None:
         """Free req's blocks into the queue, last first, keeping their keys: those its output
         filled get theirs now, and a preempted request's own blocks too (its return may reuse
-        them)."""
+        them; ``private`` False: it will not, its KV was kept elsewhere)."""
         if req.kv // self.block_size > req.num_keyed:
-            self.register(req, req.kv, private=not req.done)
+            self.register(req, req.kv, private=not req.done if private is None else private)
         queue, ref = self.queue, self.ref
         unkeyed = req.blocks - len(req.keys)          # the partial tail, unshared blocks, copies
         if unkeyed:

@@ -1,4 +1,5 @@
 """Replica schedulers by config name (``scheduler.name``); see common.py for the contract."""
+from conf import ConfigError
 from sim.schedulers.faster_transformer import FasterTransformerScheduler
 from sim.schedulers.lightllm import LightLLMScheduler
 from sim.schedulers.orca import OrcaScheduler
@@ -14,3 +15,11 @@ SCHEDULERS = {
     "lightllm": LightLLMScheduler,
     "sarathi": SarathiScheduler,
 }
+
+
+def require(name: str, flag: str, setting: str, feature: str) -> None:
+    """One ConfigError line unless scheduler ``name`` runs ``feature`` (its class sets ``flag``)."""
+    if not getattr(SCHEDULERS.get(name), flag, False):
+        runs = sorted(n for n, s in SCHEDULERS.items() if getattr(s, flag, False))
+        raise ConfigError(f"{setting}: opcast models {feature} for scheduler={'/'.join(runs)} (vLLM's V1 "
+                          f"engine) only, not scheduler={name}")

@@ -34,6 +34,8 @@ class Blocks:
 
     __slots__ = ("capacity", "free", "block_size", "watermark", "preemptions")
     caching = False          # sim.prefix_cache.PrefixCache: True (lookup, admit, commit)
+    pending = 0              # sim.offload.OffloadCache: blocks to move over PCIe this step
+    swapping = False         # sim.offload.OffloadCache: preemption swaps KV to CPU memory
 
     def __init__(self, capacity: int, block_size: int, watermark: float):
         self.capacity, self.free, self.block_size = capacity, capacity, block_size
@@ -53,18 +55,29 @@ class Blocks:
         self.free += req.blocks
         req.blocks = 0
 
+    def trim(self, req, num_blocks: int) -> None:
+        """Free req's last num_blocks blocks (unkeyed: those only rejected drafts filled)."""
+        self.free += num_blocks
+        req.blocks -= num_blocks
+
+    def swap_out(self, req) -> bool:
+        """Keep a preempted request's KV in CPU memory (sim.offload); False: recompute it."""
+        return False
+
     @property
     def used(self) -> int:
         return self.capacity - self.free
 
 
 def preempt(req, running: list, waiting: deque, blocks: Blocks) -> None:
-    """Preemption by recompute: the prompt and the output so far will be prefilled again."""
+    """Preemption by recompute: the prompt and the output so far will be prefilled again (or,
+    with sim.offload's swap preemption, by swapping its KV out to CPU memory)."""
     running.remove(req)
-    blocks.release(req)
-    req.prefill_target = req.prompt + req.decoded
-    req.prefilled = 0
-    req.kv = 0
+    if not blocks.swap_out(req):
+        blocks.release(req)
+        req.prefill_target = req.prompt + req.decoded
+        req.prefilled = 0
+        req.kv = 0
     req.preemptions += 1
     blocks.preemptions += 1
     waiting.appendleft(req)
@@ -94,11 +107,15 @@ class Scheduler:
 
     ``chunked``: prompts may be split over iterations (else a whole prompt must fit one
     iteration's token budget). ``stable_decode``, ``stable_while_waiting``: see the module
-    docstring."""
+    docstring. ``spec_decoding`` / ``kv_offload``: the policy runs sim.spec's draft tokens
+    (``draft(request) -> tokens``, set on the instance) / sim.offload's CPU tier."""
 
     stable_decode = True
     stable_while_waiting = True
     chunked = False
+    spec_decoding = False
+    kv_offload = False
+    draft = None
 
     def __init__(self, sc):
         self.sc = sc
@@ -111,11 +128,13 @@ NO_BUDGET = 1 << 62
 
 
 def schedule_running(running: list, waiting: deque, blocks: Blocks, decodes: list,
-                     prefills: list | None = None, budget: int = NO_BUDGET) -> tuple[int, bool]:
+                     prefills: list | None = None, budget: int = NO_BUDGET, draft=None) -> tuple[int, bool]:
     """Give the idle running requests, in order, their next tokens within ``budget``: one for a
     decoding request (appended to ``decodes``), the next chunk of an unfinished prompt when
     ``prefills`` is given (appended as (request, tokens); skipped otherwise). Blocks run out ->
-    preempt vLLM-style from the back. Returns (budget left, whether it had to preempt)."""
+    preempt vLLM-style from the back. Returns (budget left, whether it had to preempt).
+    ``draft(request)``: speculative decoding (sim.spec): a decode also runs the draft tokens
+    it returns, as far as the budget allows (``request.drafts``)."""
     preempted = False
     bs = blocks.block_size
     for i, r in enumerate(running):   # (preemption only removes requests after i, or i and stops)
@@ -130,6 +149,9 @@ def schedule_running(running: list, waiting: deque, blocks: Blocks, decodes: lis
             n = min(left, budget)
         else:
             n = 1
+            if draft is not None:
+                n = min(1 + draft(r), budget)
+                r.drafts = n - 1
         nb = -(-(r.kv + n) // bs) - r.blocks
         if nb > 0:
             if nb > blocks.free:
@@ -172,6 +194,8 @@ def admit_waiting(running: list, waiting: deque, blocks: Blocks, budget: int, ma
     hit = hit_free = 0
     while waiting and budget > 0 and len(running) < max_num_seqs:
         r = waiting[0]
+        if r.swapped:                         # its KV is in CPU memory: sim.offload.swap_in
+            break
         if caching:
             hit, hit_free = blocks.lookup(r)  # prefix-cached blocks it starts on
         cached = hit * bs

@@ -2,6 +2,7 @@
 unfinished prompt chunks, in arrival order) and then new requests, whose prompts are chunked to
 fit. KV blocks are allocated per chunk; when they run out the newest running request is
 preempted (recompute), and no new request is admitted in that iteration."""
+from sim.offload import swap_in
 from sim.schedulers.common import (
     RESERVE_CHUNK,
     Batch,
@@ -13,11 +14,15 @@ from sim.schedulers.common import (
 
 class VllmV1Scheduler(Scheduler):
     chunked = True
+    spec_decoding = True
+    kv_offload = True
 
     def schedule(self, now, running, waiting, blocks):
+        if blocks.swapping and waiting:   # swapped-out requests come back first (vLLM V0's order)
+            swap_in(running, waiting, blocks, self.sc.max_num_seqs)
         prefills, decodes = [], []
         budget, preempted = schedule_running(running, waiting, blocks, decodes, prefills,
-                                             self.sc.max_tokens_per_batch)
+                                             self.sc.max_tokens_per_batch, self.draft)
         if not preempted and waiting:
             prefills += admit_waiting(running, waiting, blocks, budget, self.sc.max_num_seqs, chunked=True,
                                       reserve=RESERVE_CHUNK, use_watermark=True)

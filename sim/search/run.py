@@ -77,6 +77,8 @@ class SearchConf:
     knobs: dict = field(default_factory=dict)        # scheduler name -> {knob: [values]}
     routers: list = field(default_factory=list)      # [] = the config's router; else each one
     prefix_caching: list = field(default_factory=list)   # [] = each scheduler's own; [true, false]
+    spec_num_tokens: list = field(default_factory=list)  # [] = the config's; e.g. [0, 3] (0 = off)
+    offload_cpu_gib: list = field(default_factory=list)  # [] = the config's; e.g. [0, 256] (0 = off)
     seeds: list = field(default_factory=lambda: [0, 1, 2])
     num_requests: int = 300          # requests per probe
     rel_tol: float = 0.05            # bisection stops when hi/lo <= 1 + rel_tol

@@ -4,7 +4,9 @@ A candidate is one hardware SKU, one parallel layout with as many replicas as th
 holds, one storage precision and one scheduler with one value per knob, and - when
 ``search.routers`` / ``search.prefix_caching`` list several - one router and prefix caching on
 or off (so a search can compare cache-aware routing and caching for a workload with shared
-prefixes). Layouts are tp x pp
+prefixes), and - when ``search.spec_num_tokens`` / ``search.offload_cpu_gib`` list values -
+speculative decoding with k draft tokens (0 = off; the method is ``scheduler.spec.method``) and
+a CPU KV tier of that many GiB (0 = off), so the search says when they pay. Layouts are tp x pp
 and, for mixture-of-experts models, x ep x dp_attention (conf/shapes.py Layout: a replica is
 tp x pp GPUs, or ep GPUs of dp_attention ranks); dense models only take ep=1 without DP
 attention. Splits that cannot run are recorded with the reason (budget not divisible, heads
@@ -41,6 +43,8 @@ class Candidate:
     kv_dtype: str = ""
     router: str = ""           # "": the config's router
     prefix_caching: bool | None = None   # None: the scheduler config's own setting
+    spec_tokens: int | None = None       # draft tokens (0 = no speculative decoding); None: the config's
+    offload_gib: float | None = None     # CPU KV tier (0 = none); None: the config's
 
     @property
     def width(self) -> int:
@@ -60,16 +64,25 @@ class Candidate:
         extra = [self.router] if self.router else []
         if self.prefix_caching is not None:
             extra.append("prefix-cache" if self.prefix_caching else "no-prefix-cache")
+        if self.spec_tokens is not None:
+            extra.append(f"spec-k{self.spec_tokens}" if self.spec_tokens else "no-spec")
+        if self.offload_gib is not None:
+            extra.append(f"offload-{self.offload_gib:g}GiB" if self.offload_gib else "no-offload")
         return " ".join([f"{self.hw} tp{self.tp} pp{self.pp}{sparse}{dtypes} {replicas} {self.scheduler} "
                          f"{knobs}".strip(), *extra])
 
     def columns(self) -> dict:
-        return dict(config=self.label, hw=self.hw, tp=self.tp, pp=self.pp, ep=self.ep,
+        cols = dict(config=self.label, hw=self.hw, tp=self.tp, pp=self.pp, ep=self.ep,
                     dp_attention=self.dp_attention, weight_dtype=self.weight_dtype,
                     kv_dtype=self.kv_dtype, replicas=self.replicas, gpus=self.gpus,
                     scheduler=self.scheduler, knobs=json.dumps(dict(self.knobs), sort_keys=True),
                     router=self.router,
                     prefix_caching="" if self.prefix_caching is None else str(self.prefix_caching).lower())
+        if self.spec_tokens is not None:      # only when searched: other tables keep their columns
+            cols["spec_num_tokens"] = self.spec_tokens
+        if self.offload_gib is not None:
+            cols["offload_cpu_gib"] = self.offload_gib
+        return cols
 
 
 @dataclass
@@ -134,6 +147,21 @@ def sim_config(cfg: DictConfig, hw_node: DictConfig, sched_node: DictConfig,
         sched[knob] = value
     if cand.prefix_caching is not None:
         sched["prefix_caching"] = cand.prefix_caching
+    # the searched features start from the config's own settings (cfg.scheduler: a scheduler
+    # option other than the selected one is composed fresh, without the user's overrides)
+    if cand.spec_tokens is not None:
+        spec = sched["spec"] = OmegaConf.to_container(cfg.scheduler.spec, resolve=True)
+        if not cand.spec_tokens:
+            spec.update(method="none", draft_model="", acceptance=[], propose_rate=-1.0)
+        elif spec["method"] == "none":
+            raise ConfigError(f"search.spec_num_tokens lists {cand.spec_tokens}: set scheduler.spec.method "
+                              f"(draft, eagle, mtp, ngram) for the candidates that draft")
+        else:
+            spec["num_tokens"] = cand.spec_tokens
+    if cand.offload_gib is not None:
+        sched["offload"] = dict(OmegaConf.to_container(cfg.scheduler.offload, resolve=True), cpu_gib=cand.offload_gib)
+        if not cand.offload_gib:
+            sched["offload"]["preempt"] = "recompute"
     data["scheduler"] = sched
     if router_node is not None:
         data["router"] = OmegaConf.to_container(router_node, resolve=True)
@@ -236,15 +264,21 @@ def enumerate_space(cfg: DictConfig, fits=None) -> tuple[list[tuple[Candidate, D
     caching = list(space.get("prefix_caching") or []) or [None]
     if any(c is not None and not isinstance(c, bool) for c in caching):
         raise ConfigError(f"search.prefix_caching={caching}: give true and/or false")
+    spec_ks = list(space.get("spec_num_tokens") or []) or [None]
+    if any(k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0) for k in spec_ks):
+        raise ConfigError(f"search.spec_num_tokens={spec_ks}: give draft token counts >= 0 (0 = off)")
+    offloads = list(space.get("offload_cpu_gib") or []) or [None]
+    if any(g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or g < 0) for g in offloads):
+        raise ConfigError(f"search.offload_cpu_gib={offloads}: give CPU pool sizes in GiB >= 0 (0 = off)")
     runnable, skipped = [], []
     for hw in hw_nodes:
         for (tp, pp, ep, dp, replicas, reason), (wdt, kvdt) in itertools.product(
                 parallel_splits(space, budget, moe, str(cfg.parallel.get("all2all_backend", ""))), dtypes):
             for sched in schedulers:
-                for knob_values, router, cache in itertools.product(knob_grid(knobs.get(sched) or {}),
-                                                                     routers or [""], caching):
+                for knob_values, router, cache, k, gib in itertools.product(
+                        knob_grid(knobs.get(sched) or {}), routers or [""], caching, spec_ks, offloads):
                     cand = Candidate(hw, tp, pp, replicas, sched, knob_values, ep, dp, str(wdt or ""),
-                                     str(kvdt or ""), router, cache)
+                                     str(kvdt or ""), router, cache, k, None if gib is None else float(gib))
                     if reason:
                         skipped.append(Skipped(cand, reason))
                         continue
