@@ -12,6 +12,7 @@ from conf import to_hw, to_model
 from estimator.runtime import load_op_times
 from sim import workload as workloads
 from sim.engine import Engine
+from sim.offload import OffloadCache
 from sim.prefix_cache import PrefixCache
 from sim.schedulers import SCHEDULERS
 
@@ -95,6 +96,11 @@ def audit(rep) -> None:
     assert b.fresh + len(queued) + sum(run for run in b.queue.values() if run) == b.free
     unkeyed = sum(r.blocks - len(r.keys) for r in rep.running)
     assert len(held) + unkeyed + b.free == b.capacity          # cached + used never exceed capacity
+    if isinstance(b, OffloadCache):   # the CPU tier: its own keys, swapped KV pinned, within its size
+        assert not set(b.cpu) & set(b.ref)
+        assert b.swapped_blocks == sum(r.swapped for r in rep.waiting)
+        assert len(b.cpu) + b.swapped_blocks <= b.cpu_capacity
+        assert all(r.swapped == 0 for r in rep.running)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -165,3 +171,80 @@ def test_fast_forward_is_exact_for_lightllm_while_requests_wait(base):
     OmegaConf.update(cfg, "sim.fast_forward", False)
     b = sim.simulate(cfg, op_times=base[1])
     assert a.requests.equals(b.requests)
+
+
+# --- speculative decoding and KV offload (sim/spec.py, sim/offload.py; vLLM V1 only) ----------
+rates = st.lists(st.sampled_from([0.0, 0.2, 0.5, 0.8, 1.0]), min_size=4, max_size=4).map(
+    lambda r: sorted(r, reverse=True))
+features = st.fixed_dictionaries({
+    "scheduler.spec.method": st.sampled_from(["none", "eagle", "ngram", "mtp"]),
+    "scheduler.spec.num_tokens": st.integers(1, 4),
+    "scheduler.spec.acceptance": rates,
+    "scheduler.spec.propose_rate": st.sampled_from([-1.0, 0.5]),
+    "scheduler.offload.cpu_gib": st.sampled_from([0.0, 0.02, 0.2, 1.0]),
+    "scheduler.offload.overlap": st.booleans(),
+    "scheduler.offload.preempt": st.sampled_from(["recompute", "swap"]),
+    # shared prefixes and a small GPU cache: evictions, loads back and preemption
+    "workload.prefix": st.sampled_from(["none", "shared", "tree", "sessions"]),
+    "sim.num_gpu_blocks_override": st.integers(20, 80),
+    "scheduler.block_size": st.just(16),
+    "scheduler.max_num_seqs": st.integers(4, 12),
+    "workload.num_requests": st.integers(8, 40),
+    "workload.qps": st.sampled_from([20.0, 100.0]),
+    "workload.min_tokens": st.integers(32, 128),
+    "workload.max_tokens": st.integers(128, MAX_LEN),
+    "workload.prefill_tokens": st.integers(64, 200),
+})
+
+
+def configure_features(base_cfg, params, extra):
+    extra = dict(extra)
+    params = {**params, "scheduler.name": "vllm_v1", "parallel.pp": 1,
+              **{k: extra.pop(k) for k in list(extra) if k.startswith(("workload.", "sim.", "scheduler.b",
+                                                                       "scheduler.m"))}}
+    cfg = configure(base_cfg, params)
+    if extra["scheduler.spec.method"] == "none":
+        extra.update({"scheduler.spec.acceptance": [], "scheduler.spec.propose_rate": -1.0})
+    if extra["scheduler.offload.cpu_gib"]:
+        extra["scheduler.prefix_caching"] = True
+    else:
+        extra["scheduler.offload.preempt"] = "recompute"
+    for k, v in extra.items():
+        OmegaConf.update(cfg, k, v)
+    return cfg
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(params=deployments, extra=features)
+def test_spec_and_offload_invariants(base, params, extra, monkeypatch):
+    """Every request emits exactly its output (a step keeps only what is left), the KV blocks of
+    both tiers balance after every step, and a run is deterministic."""
+    cfg = configure_features(base[0], params, extra)
+    start, finish = Engine.start, Engine.finish
+
+    def audited_start(self, rep, now):
+        start(self, rep, now)
+        audit(rep)
+
+    def audited_finish(self, rep, *args):
+        finish(self, rep, *args)
+        audit(rep)
+    monkeypatch.setattr(Engine, "start", audited_start)
+    monkeypatch.setattr(Engine, "finish", audited_finish)
+    res = sim.simulate(cfg, op_times=base[1])
+    monkeypatch.undo()
+    df, s = res.requests, res.summary
+    n = cfg.workload.num_requests
+    assert sorted(df.request_id) == list(range(n)) and s["num_requests"] == n
+    assert (df.num_generated_tokens == df.num_decode_tokens).all()
+    assert (df.first_scheduled_s < df.first_token_s).all() and (df.first_token_s <= df.completed_at_s).all()
+    assert 0 < s["kv_util_peak"] <= 1
+    if cfg.scheduler.spec.method != "none":
+        assert s["spec_num_accepted_tokens"] <= s["spec_num_draft_tokens"]
+        assert 1 <= s["spec_acceptance_length_mean"] <= 1 + cfg.scheduler.spec.num_tokens
+    if cfg.scheduler.offload.cpu_gib:
+        assert s["offload_swap_outs"] <= s["num_preemptions"]
+        if cfg.scheduler.offload.preempt == "recompute":
+            assert s["offload_swap_outs"] == 0
+    again = sim.simulate(cfg, op_times=base[1])
+    assert res.requests.equals(again.requests)
