@@ -19,8 +19,6 @@ BLOCK_BYTES = 1_600_000          # one block on one GPU: 20 of them cross a 32 G
 class StubCost:
     """A forward of n tokens takes 1000 + 10 n µs; records the prefill chunks (tokens, KV)."""
 
-    layers = [32]
-
     def __init__(self):
         self.prefills = []
 
@@ -79,7 +77,7 @@ def test_working_set_twice_the_gpu_cache_recomputes_less_by_the_hand_computed_am
 
 @pytest.mark.parametrize("overlap, copy_us", [(False, 2080.0), (True, (1080 + 1000) / 32 + 31 / 32 * 1080)])
 def test_loads_cost_pcie_time_before_or_beside_the_forward(overlap, copy_us):
-    eng, rep, cache, metrics = engine(100, cpu_blocks=200, overlap=overlap)
+    eng, _, cache, metrics = engine(100, cpu_blocks=200, overlap=overlap)
     eng.run(cyclic())
     df = metrics.requests_frame()
     # a second-cycle prefill step: forward of 8 tokens (1080 µs) and 20 blocks over PCIe (1000 µs)
@@ -160,5 +158,5 @@ def test_search_dimension_sizes_the_cpu_pool():
         "a100 tp1 pp1 x1 vllm_v1 prefix-cache offload-128GiB"]
     assert [s.candidate.label for s in skipped] == ["a100 tp1 pp1 x1 vllm_v1 no-prefix-cache offload-128GiB"]
     assert "needs scheduler.prefix_caching=true" in skipped[0].reason
-    on = [s for c, s in runnable if c.offload_gib][0]
+    on = next(s for c, s in runnable if c.offload_gib)
     assert on.scheduler.offload.cpu_gib == 128
