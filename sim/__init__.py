@@ -19,7 +19,11 @@ API (what ``python -m sim.run`` and the search build on)::
   (whole deployment over the simulated time), kv_util_mean (time-weighted), kv_util_peak,
   batch_size_mean (per iteration), sim_time_s (simulated end time), prefix_hit_rate,
   prefix_block_hit_rate, prefill_tokens_saved, kv_evictions (prefix caching; 0 without),
-  wall_s, loop_wall_s. ``.requests``: one row per request (ids, times, lengths,
+  wall_s, loop_wall_s; with speculative decoding spec_num_drafts, spec_num_draft_tokens,
+  spec_num_accepted_tokens, spec_acceptance_length_mean, spec_acceptance_rate and
+  spec_acceptance_rate_pos<i>; with KV offload prefix_hit_rate_cpu, prefill_tokens_loaded,
+  offload_bytes_to_gpu, offload_bytes_to_cpu, offload_cpu_evictions, offload_swap_outs,
+  offload_transfer_s. ``.requests``: one row per request (ids, times, lengths,
   num_cached_tokens, ttft_s, tpot_s, e2e_s, ...) when ``sim.keep_requests`` (default);
   ``.replicas``: per replica, requests routed, KV use and prefix cache figures;
   ``.memory``: the MemoryPlan.
@@ -29,7 +33,8 @@ API (what ``python -m sim.run`` and the search build on)::
 - ``SCHEDULERS`` (name -> class with ``schedule(now, running, waiting, blocks)``), ``ROUTERS``.
 
 Modules: engine (event loop, fast-forward of steady decodes), costs (batch time from OpTimes),
-memory (KV capacity), prefix_cache (vLLM v1's automatic prefix caching), workload (arrivals,
+memory (KV capacity), prefix_cache (vLLM v1's automatic prefix caching), spec (speculative
+decoding), offload (a CPU tier below the prefix cache, swap preemption), workload (arrivals,
 lengths, traces, shared prefixes, multi-turn sessions), router, metrics (streaming stats),
 outputs (parquet, plots, Perfetto), schedulers/ (one file per policy), run (CLI), bench.
 """

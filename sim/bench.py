@@ -10,6 +10,10 @@ as wall and CPU seconds, against Vidur's 5.5 s for the same scenario on this mac
 Prefix caching: the same scenario with scheduler.prefix_caching=true (its bookkeeping, nothing
 shared; target within 1.5x of off), and a multi-turn workload (conf/workload/multi_turn.yaml,
 vLLM v1 scheduler) with caching on and off (what caching saves, what it costs to simulate).
+Speculative decoding and KV offload (issue 22): the scenario's workload on the vLLM v1 scheduler
+without speculative decoding (fast-forward on, and off: what switching it off costs), with an
+EAGLE head at its published acceptance (never fast-forwarded: each step draws its acceptances),
+and the multi-turn workload on a GPU cache of 600 blocks with and without a 64 GiB CPU tier.
 ``--million`` also runs 1M requests of the scenario's workload with streaming metrics
 (sim.keep_requests=false) and reports its time and the process's peak memory;
 ``--million-sessions`` runs 1M multi-turn requests with caching on in a child process and
@@ -137,6 +141,43 @@ def _million_sessions(data_dir: str) -> None:
           f"(target < 2 GiB: {'PASS' if peak_gib < 2 else 'FAIL'})")
 
 
+SPEC = ["scheduler=vllm_v1"]
+SPEC_ON = ["scheduler.spec.method=eagle", "scheduler.spec.num_tokens=3"]
+OFFLOAD = ["sim.num_gpu_blocks_override=600"]    # 9,600 tokens: the sessions' prefixes no longer fit
+OFFLOAD_ON = ["scheduler.offload.cpu_gib=64"]
+
+
+def features(data_dir: str, ot, repeats: int) -> None:
+    """Speculative decoding and KV offload: what they change and what they cost to simulate."""
+    import sim
+    base = [a for a in SCENARIO if not a.startswith("scheduler=")] + SPEC + [f"sim.data_dir={data_dir}"]
+    cfgs = {"v1": sim.compose(base), "v1, no fast-forward": sim.compose(base + ["sim.fast_forward=false"]),
+            "v1 + EAGLE k=3": sim.compose(base + SPEC_ON)}
+    res = {name: sim.simulate(c, op_times=ot).summary for name, c in cfgs.items()}
+    cpu = _interleaved({name: (lambda c=c: sim.simulate(c, op_times=ot)) for name, c in cfgs.items()}, repeats)
+    print(f"speculative decoding: {' '.join(base[:-1])} {' '.join(SPEC_ON)}")
+    for name, s in res.items():
+        spec = (f", acceptance length {s['spec_acceptance_length_mean']:.2f}" if "spec_acceptance_length_mean" in s
+                else "")
+        print(f"  {name:20s} {int(s['num_iterations']):6d} iterations, tpot p50 {s['tpot_s_p50'] * 1e3:.2f} ms, "
+              f"itl p50 {s['itl_s_p50'] * 1e3:.2f} ms, e2e p50 {s['e2e_s_p50']:.3f} s{spec}; simulate cpu "
+              f"{cpu[name]:.3f} s")
+    print(f"  speculative decoding runs without fast-forward: {cpu['v1 + EAGLE k=3'] / cpu['v1']:.1f}x the cpu of "
+          f"v1 with it ({cpu['v1, no fast-forward'] / cpu['v1']:.1f}x for v1 with fast-forward off alone)")
+    turns = [*MULTI_TURN, *OFFLOAD, f"sim.data_dir={data_dir}"]
+    cfgs = {"GPU cache only": sim.compose(turns), "+ 64 GiB CPU tier": sim.compose(turns + OFFLOAD_ON)}
+    res = {name: sim.simulate(c, op_times=ot).summary for name, c in cfgs.items()}
+    cpu = _interleaved({name: (lambda c=c: sim.simulate(c, op_times=ot)) for name, c in cfgs.items()}, repeats)
+    print(f"KV offload: {' '.join(turns[:-1])}")
+    for name, s in res.items():
+        tier = (f", CPU-tier hit rate {s['prefix_hit_rate_cpu']:.3f}, prefill tokens loaded "
+                f"{int(s['prefill_tokens_loaded'])} ({s['offload_bytes_to_gpu'] / 2 ** 30:.1f} GiB over PCIe)"
+                if "prefix_hit_rate_cpu" in s else "")
+        print(f"  {name:18s} ttft p50 {s['ttft_s_p50']:.3f} s p90 {s['ttft_s_p90']:.3f} s, GPU hit rate "
+              f"{s['prefix_hit_rate']:.3f}, prefill tokens saved {int(s['prefill_tokens_saved'])}{tier}; "
+              f"simulate cpu {cpu[name]:.3f} s")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m sim.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
@@ -197,6 +238,7 @@ def main(argv=None) -> None:
               f"{int(r['prefill_tokens_saved'])}, evictions {int(r['kv_evictions'])}; simulate cpu {cpu[pc]:.3f} s")
     print(f"  simulating with caching costs {cpu['true'] / cpu['false']:.2f}x (its block bookkeeping, and "
           f"{int(results['true']['num_iterations'])} vs {int(results['false']['num_iterations'])} iterations)")
+    features(args.data_dir, ot, args.repeats)
     if args.million:
         big = sim.compose(SCENARIO[:-3] + ["workload.num_requests=1000000", "workload.qps=3", "seed=0",
                                            "sim.keep_requests=false", f"sim.data_dir={args.data_dir}"])

@@ -87,6 +87,7 @@ class BatchCost:
         except TypeError:          # an OpTimes that cannot be weakly referenced: memo per run
             memo = {}
         self._lines: dict[int, tuple[float, float]] = memo.setdefault(key, {})
+        self._head_lines: dict[int, tuple[float, float]] = memo.setdefault(key + ("head",), {})
 
     # --- pieces -------------------------------------------------------------------------
     def padded(self, num_tokens: int, decode_only: bool) -> int:
@@ -169,6 +170,20 @@ class BatchCost:
             moe = self._mix[-1][1]
             layer += op.moe_mlp_us(p) + self._moe_ar_delta * ar if moe else op.dense_mlp_us(p)
         return layer + op.embed_us(p) + self.ar_forward * ar + op.final_norm_us(p) + op.lm_head_us(num_sampled)
+
+    def head_decode_us(self, num_decodes: int, kv_sum: int) -> float:
+        """head_us of a one-token-per-sequence pass (a proposer's 2nd..k-th), memoised per
+        (batch size, KV cell) as decode_us is: exact at the cell's ends, linear between."""
+        n = num_decodes
+        x = kv_sum / n
+        k0, k1 = _cell(x)
+        key = (n << 32) | k0
+        line = self._head_lines.get(key)
+        if line is None:
+            a0, a1 = self.head_us(n, [], n, k0 * n, n), self.head_us(n, [], n, k1 * n, n)
+            slope = (a1 - a0) / (k1 - k0)
+            line = self._head_lines[key] = (a0 - slope * k0, slope)
+        return line[0] + line[1] * x
 
     # --- MoE blocks and node boundaries (models helper) --------------------------------------
     def _init_sparse(self, model: ModelConf, pp: int) -> None:

@@ -10,6 +10,10 @@ KV blocks for the next token run out - and, with multi-turn sessions on several 
 the first that ends at/after another replica's next batch completion (a completion there can
 send a session's next turn here). Each iteration's time is still computed one by one in the
 same order, so per-request results are bit-identical to ``sim.fast_forward=false``.
+
+Speculative decoding (sim.spec) runs every step as its own event (``_start_spec``: each step
+draws its acceptances, so no stretch is steady); KV copied over PCIe in a step (sim.offload)
+is priced on the general path (``Blocks.pending``).
 """
 from __future__ import annotations
 

@@ -34,6 +34,8 @@ def summary_table(summary: dict, band: dict | None = None, band_runs: dict | Non
         lines.append(f"{m:<16}" + "".join(f"{summary[f'{m}_{s}']:>12.4f}" for s in STATS))
     rest = ("num_requests", "num_clipped_requests", "num_preemptions", "throughput_rps",
             "throughput_tok_s", "batch_size_mean", "kv_util_mean", "kv_util_peak", *PREFIX_KEYS,
+            # speculative decoding and KV offload (sim/spec.py, sim/offload.py), when on
+            *(k for k in summary if k.startswith(("spec_", "offload_", "prefix_hit_rate_cpu", "prefill_tokens_loaded"))),
             "mfu", "mbu", "sim_time_s", "wall_s")
     lines.append("")
     for k in rest:

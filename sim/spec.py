@@ -273,10 +273,10 @@ class SpecDecoder:
                 decode = self.draft.decode_us
                 us += sum(decode(drafting, draft_kv + j * drafting) for j in range(1, self.k))
             return us
-        head = self.cost.head_us
-        us = head(tokens, pre, plain, plain_kv, drafting)
+        us = self.cost.head_us(tokens, pre, plain, plain_kv, drafting)
         if drafting:
-            us += sum(head(drafting, [], drafting, draft_kv + j * drafting, drafting) for j in range(1, self.k))
+            head = self.cost.head_decode_us
+            us += sum(head(drafting, draft_kv + j * drafting) for j in range(1, self.k))
         return us
 
     def advance(self, blocks, decodes: list, first_end: float, now: float, metrics) -> bool:

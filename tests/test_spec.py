@@ -31,6 +31,9 @@ class StubCost:
     def head_us(self, num_tokens, prefills, num_decodes, kv_sum, sampled):
         return 100.0 + num_tokens
 
+    def head_decode_us(self, num_decodes, kv_sum):
+        return 100.0 + num_decodes
+
 
 def run_stub(requests, acceptance=None, k=3, block_size=16, capacity=10_000, fast_forward=True, audit=None,
              propose_rate=-1.0):
@@ -133,12 +136,12 @@ def test_real_costs_acceptance_one_quarter_steps_and_zero_adds_verify_and_propos
     # passes (the first over the verified tokens); the prefill step adds the head's passes
     engine = engine_profile(zero_cfg)
     cost = BatchCost(op_times, to_model(zero_cfg.model), 1, engine=engine, interconnect="nvswitch")
-    extra = cost.head_us(200, [(200, 200)], 0, 0, 1) + cost.head_us(1, [], 1, 201, 1) + cost.head_us(1, [], 1, 202, 1)
+    extra = cost.head_us(200, [(200, 200)], 0, 0, 1) + cost.head_decode_us(1, 201) + cost.head_decode_us(1, 202)
     for s in range(128):                 # decode step s: context 200 + s tokens before it
         kv = 200 + s
         extra += (cost.stage_us(4, [(4, kv + 4)], 0, 0, 4)[0] - cost.decode_us(1, kv + 1)
                   + cost.head_us(4, [(4, kv + 4)], 0, 0, 1)
-                  + sum(cost.head_us(1, [], 1, kv + 4 + j, 1) for j in (1, 2)))
+                  + sum(cost.head_decode_us(1, kv + 4 + j) for j in (1, 2)))
     delta = zero.summary["e2e_s_mean"] - base.summary["e2e_s_mean"]
     assert delta == pytest.approx(extra * 1e-6, rel=1e-9)
     assert delta > 0 and full.summary["e2e_s_mean"] < base.summary["e2e_s_mean"]
@@ -244,3 +247,11 @@ def test_profiles_cite_their_measurements():
     assert spec.profile(SpecConf(method="eagle", num_tokens=2)) == ([0.7296, 0.5208], 1.0)
     assert spec.profile(SpecConf(method="ngram", num_tokens=2))[1] == pytest.approx(993 / 1814)
     assert math.isclose(1 + sum(spec.DEFAULTS["eagle"][0]), 2.6049)          # vLLM CI: AL 2.60
+
+
+def test_the_memoised_one_token_head_pass_matches_the_head(op_times):
+    cfg = sim.compose(ONE)
+    cost = BatchCost(op_times, to_model(cfg.model), 1, engine=engine_profile(cfg), interconnect="nvswitch")
+    for n, mean_kv in [(1, 200), (8, 1000), (32, 4096), (64, 777)]:
+        assert cost.head_decode_us(n, n * mean_kv) == pytest.approx(cost.head_us(n, [], n, n * mean_kv, n), rel=0.01)
+    assert cost.head_decode_us(8, 8 * 1024) == pytest.approx(cost.head_us(8, [], 8, 8 * 1024, 8), rel=1e-12)

@@ -1,7 +1,9 @@
 """vLLM v1 style: one token budget per iteration shared by running requests first (decodes and
 unfinished prompt chunks, in arrival order) and then new requests, whose prompts are chunked to
 fit. KV blocks are allocated per chunk; when they run out the newest running request is
-preempted (recompute), and no new request is admitted in that iteration."""
+preempted (recompute, or swapped to CPU memory with sim.offload's preempt=swap: those come back
+first), and no new request is admitted in that iteration. With speculative decoding (sim.spec)
+a decode also runs its draft tokens, counted against the budget."""
 from sim.offload import swap_in
 from sim.schedulers.common import (
     RESERVE_CHUNK,
