@@ -257,10 +257,12 @@ def _plain_run(args: Sequence[str]) -> bool:
 def _run_once(config_name: str, task: Callable[[DictConfig], None], overrides: list[str]) -> None:
     """What ``hydra.main`` does for a plain run, composing once: ``hydra.main`` composes twice
     (first only to read hydra.mode) and parses its flags, ~0.13 s of a 0.4 s simulation."""
+    from hydra import version
     from hydra._internal.hydra import Hydra
     from hydra._internal.utils import create_automatic_config_search_path
     from hydra.core.global_hydra import GlobalHydra
 
+    version.setbase("1.3")   # as hydra.main(version_base="1.3"): no chdir into the run dir
     search_path = create_automatic_config_search_path(None, None, "pkg://conf")
     app = Hydra.create_main_hydra2(task_name=config_name, config_search_path=search_path)
     try:

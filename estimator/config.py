@@ -54,6 +54,9 @@ class TrainConf:
     # measurements of the engine (model.engine_rank); serve: only the rows of that source (the
     # others are set aside, with a warning).
     train_sources: str = "all"
+    # {hw: {family: "source/backend"}}: the rows queries stand for on that GPU where end-to-end
+    # engine runs contradict the newest table (conf/train.yaml says why for each entry)
+    serve_override: dict[str, dict[str, str]] = field(default_factory=dict)
     # fp8: GEMM/MoE weights (model.weight_dtype) and attention KV cache (model.kv_dtype) rows.
     dtypes: list[str] = field(default_factory=lambda: ["float16", "bfloat16", "fp8"])
     # fleet=true: one model per family over every GPU with profiles and a cuda card (data/estimators/

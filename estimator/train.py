@@ -83,11 +83,22 @@ def training_rows(df: pd.DataFrame, family: str, cfg, what: str = "") -> tuple[p
     return df.reset_index(drop=True), note
 
 
-def choose_sources(df: pd.DataFrame, family: str, cfg, what: str) -> tuple[pd.DataFrame, dict, str]:
+def choose_sources(df: pd.DataFrame, family: str, cfg, what: str, hw_name: str = "") -> tuple[pd.DataFrame, dict, str]:
     """(training rows, serving context, note): every source trains (train_sources=all) or only
-    the serving context's (serve; the others are set aside with a warning)."""
+    the serving context's (serve; the others are set aside with a warning). The context is the
+    newest engine's rows (``serving_context``), unless ``serve_override`` names another for this
+    GPU and family (where end-to-end engine runs on that GPU contradict the newest table)."""
     serve = serving_context(df, family)
     note = ""
+    chosen = (cfg.get("serve_override") or {}).get(hw_name, {}).get(family)
+    if chosen:
+        source, _, backend = str(chosen).partition("/")
+        have = sorted(set(df["source"].astype(str) + "/" + df["backend"].astype(str)))
+        if f"{source}/{backend}" not in have:
+            raise ConfigError(f"serve_override.{hw_name}.{family}={chosen}: no such rows; "
+                              f"{family} rows of {hw_name} come from {', '.join(have)}")
+        serve[""] = dict(serve[""], source=source, backend=backend)
+        note = f"; serves {chosen} (serve_override, not the newest engine's {what} rows)"
     if cfg.train_sources == "serve":
         contexts = {(c["source"], c["backend"]) for c in serve.values()}
         pair = list(zip(df["source"].astype(str), df["backend"].astype(str)))
@@ -130,7 +141,7 @@ def run(cfg: DictConfig) -> dict:
             entry.update(status="roofline", note=note + "; too few rows to train, fleet model or roofline prior used")
             _remove_model(out, family)
             continue
-        df, serve, note = choose_sources(df, family, cfg, f"{hw.name}/{family}")
+        df, serve, note = choose_sources(df, family, cfg, f"{hw.name}/{family}", hw.name)
         entry["note"] += note
         meta = {"serve": serve, "data_sha256": file_sha256(path), "data_path": str(path),
                 "sources": _counts(df), "settings": report["settings"]}
@@ -164,8 +175,8 @@ def _say_where(report: dict, out: Path, cfg) -> None:
 
 def _settings(cfg) -> dict:
     settings = OmegaConf.to_container(cfg, resolve=True)
-    return {k: settings[k] for k in ("train_sources", "dtypes", "max_rows", "seed", "nthread", "fleet",
-                                     "fleet_max_rows_per_hw", "xgb", "quantile", "eval")}
+    return {k: settings[k] for k in ("train_sources", "serve_override", "dtypes", "max_rows", "seed", "nthread",
+                                     "fleet", "fleet_max_rows_per_hw", "xgb", "quantile", "eval")}
 
 
 def _counts(df: pd.DataFrame) -> dict[str, int]:
@@ -245,7 +256,7 @@ def run_fleet(cfg: DictConfig) -> dict:
             entry.update(status="roofline", note="; ".join(notes) + "; fewer than two GPUs with rows")
             _remove_model(out, family)
             continue
-        df, serve, note = choose_sources(df, family, cfg, f"fleet/{family}")
+        df, serve, note = choose_sources(df, family, cfg, f"fleet/{family}", FLEET)
         entry["note"] = "; ".join(notes) + note
         meta = {"serve": serve, "data_sha256": hashes, "sources": _counts(df), "settings": report["settings"],
                 "dtypes_by_hw": {n: sorted(g["dtype"].astype(str).unique()) for n, g in df.groupby("hw")}}
