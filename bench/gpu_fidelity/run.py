@@ -13,6 +13,7 @@ and e2e (mean, p90) with the error in %, and for load sweeps the QPS where each 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -260,6 +261,41 @@ def print_throughput(name: str, res: dict) -> None:
         + f"  curve mean |error| {res['curve_mean_abs_error_pct']:.1f}% of the engine's mean")
 
 
+def headline(kind: str, res: dict) -> dict:
+    """The few figures a case is judged by (what a variant is compared on)."""
+    if kind == "replay":
+        return {"below_saturation": res["below_saturation"], "saturation_qps": res["saturation_qps"],
+                "error_pct_by_load": {str(r["load"]): {k: round(r["error_pct"][k], 2) for k in ("ttft_s_mean", "e2e_s_mean")}
+                                      for r in res["loads"]}, "meets_targets": res["meets_targets"]}
+    if kind == "aggregate":
+        return {"mean_abs_error_pct": res["mean_abs_error_pct"], "meets_targets": res["meets_targets"]}
+    return {"error_pct": res["error_pct"], "curve_mean_abs_error_pct": res["curve_mean_abs_error_pct"]}
+
+
+def headline_text(kind: str, h: dict) -> str:
+    if kind == "replay":
+        b, sat = h["below_saturation"], h["saturation_qps"]
+        return (f"below saturation ({b['num_loads']} loads) mean |error| TTFT {b['mean_abs_error_pct']['ttft_s_mean']:.1f}%, "
+                f"e2e {b['mean_abs_error_pct']['e2e_s_mean']:.1f}%; saturates at QPS engine {sat['engine']}, opcast {sat['sim']}")
+    if kind == "aggregate":
+        m = h["mean_abs_error_pct"]
+        return f"mean |error| of mean TTFT {m['ttft_s_mean']:.1f}%, of mean TPOT {m['tpot_s_mean']:.1f}%"
+    e = h["error_pct"]
+    return (f"mean tok/s {e.get('mean_tok_s', math.nan):+.1f}%, makespan {e.get('makespan_s', math.nan):+.1f}%, "
+            f"curve mean |error| {h['curve_mean_abs_error_pct']:.1f}%")
+
+
+def run_variants(case: Case, index: dict, simr: Simulator, ratio: float, data: Path) -> dict:
+    """The case again under each of its ``variants`` (name -> extra sim overrides, e.g. prefix
+    caching off): the headline figures of each, beside the case's own run."""
+    out = {}
+    for name, overrides in case.extra["variants"].items():
+        res = KINDS[case.kind](dataclasses.replace(case, sim=[*case.sim, *overrides]), index, simr, ratio, data)
+        out[name] = {"sim_overrides": list(overrides), **headline(case.kind, res)}
+        print(f"  variant {name} ({' '.join(overrides)}): {headline_text(case.kind, out[name])}")
+    return out
+
+
 KINDS = {"replay": run_replay, "aggregate": run_aggregate, "throughput": run_throughput}
 PRINTERS = {"replay": print_replay, "aggregate": print_aggregate, "throughput": print_throughput}
 
@@ -289,6 +325,8 @@ def run(names: list[str] | None, extra: list[str], data: Path = DATA) -> dict:
             res = KINDS[case.kind](case, index[case.name], simr, ratio, data)
             entry.update(res, wall_s=round(time.perf_counter() - t0, 1))
             PRINTERS[case.kind](case.name, res)
+            if case.extra.get("variants"):
+                entry["variants"] = run_variants(case, index[case.name], simr, ratio, data)
         report["cases"][case.name] = entry
     pub = data / "published.yaml"
     if pub.exists() and (not names or "points" in names):
