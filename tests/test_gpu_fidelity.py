@@ -96,3 +96,35 @@ def test_cases_state_their_assumptions_and_blocked_ones_say_why():
         assert c.blocked or c.assumed, c.name
         assert c.targets or c.why_not_targets or c.blocked, c.name
         assert c.extra["upstream"]["commit"] and c.extra["upstream"]["licence"]
+
+
+def test_variants_report_prefix_caching_off_beside_the_case(recorded, tmp_path):
+    """A case's ``variants`` rerun it with extra overrides and report the same headline figures:
+    8 requests repeating one 2048-token prompt (chained prefix ids) are prefilled once with the
+    prefix cache on, so turning it off raises the simulated TTFT and with it the error."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    index = json.loads((recorded / "index.json").read_text())["toy"]
+    (tmp_path / "traces").mkdir()
+    (tmp_path / "engine").mkdir()
+    for e in index["loads"]:
+        trace = pd.read_parquet(recorded / e["trace"])
+        n = len(trace)
+        table = pa.table({"arrived_at_s": trace.arrived_at_s.to_numpy(), "num_prefill_tokens": [2048] * n,
+                          "num_decode_tokens": trace.num_decode_tokens.to_numpy(),
+                          "prefix_hashes": [list(range(1, 129))] * n})
+        pq.write_table(table.replace_schema_metadata({"opcast": json.dumps({"hash_block_tokens": 16})}),
+                       tmp_path / e["trace"])
+        eng = pd.read_parquet(recorded / e["engine"]).assign(num_prefill_tokens=2048)
+        eng.to_parquet(tmp_path / e["engine"])
+    case = toy_case(recorded, variants={"prefix_caching_off": ["scheduler.prefix_caching=false"]})
+    case.sim += ["model=llama3-8b", "engine=vllm_v1", "scheduler=vllm_v1"]   # a prefill worth saving
+    simr = run.Simulator([])
+    on = run.run_replay(case, index, simr, ratio=3.0, data=tmp_path)
+    off = run.run_variants(case, index, simr, 3.0, tmp_path)["prefix_caching_off"]
+    assert off["sim_overrides"] == ["scheduler.prefix_caching=false"]
+    assert set(off) == {"sim_overrides", "below_saturation", "saturation_qps", "error_pct_by_load", "meets_targets"}
+    # 7 of 8 prompts hit the cache with it on: 2048 tokens prefilled instead of 16 per request
+    assert off["error_pct_by_load"]["0.5"]["ttft_s_mean"] > on["loads"][0]["error_pct"]["ttft_s_mean"] + 50
+    assert run.headline("replay", on)["error_pct_by_load"]["0.5"]["ttft_s_mean"] == \
+        round(on["loads"][0]["error_pct"]["ttft_s_mean"], 2)

@@ -317,6 +317,8 @@ def run(names: list[str] | None, extra: list[str], data: Path = DATA) -> dict:
                  "counts_toward_targets": case.targets and not case.blocked}
         if case.why_not_targets:
             entry["why_not_targets"] = case.why_not_targets
+        if case.extra.get("why_off"):       # what the data says about a miss that is not modelled
+            entry["why_off"] = case.extra["why_off"]
         if case.blocked:
             entry["blocked"] = case.blocked
             print(f"\n{case.name}: not simulated - {case.blocked}")
