@@ -94,11 +94,12 @@ def choose_sources(df: pd.DataFrame, family: str, cfg, what: str, hw_name: str =
     if chosen:
         source, _, backend = str(chosen).partition("/")
         have = sorted(set(df["source"].astype(str) + "/" + df["backend"].astype(str)))
-        if f"{source}/{backend}" not in have:
-            raise ConfigError(f"serve_override.{hw_name}.{family}={chosen}: no such rows; "
-                              f"{family} rows of {hw_name} come from {', '.join(have)}")
-        serve[""] = dict(serve[""], source=source, backend=backend)
-        note = f"; serves {chosen} (serve_override, not the newest engine's {what} rows)"
+        if f"{source}/{backend}" in have:
+            serve[""] = dict(serve[""], source=source, backend=backend)
+            note = f"; serves {chosen} (serve_override, not the newest engine's {what} rows)"
+        else:   # e.g. a user's own profile of this GPU: the override's evidence is about other rows
+            note = (f"; serve_override {chosen} has no rows here ({what} rows come from {', '.join(have)}): "
+                    f"serves the newest engine's")
     if cfg.train_sources == "serve":
         contexts = {(c["source"], c["backend"]) for c in serve.values()}
         pair = list(zip(df["source"].astype(str), df["backend"].astype(str)))

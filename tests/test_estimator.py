@@ -322,3 +322,19 @@ def test_roofline_priors_by_hand():
     assert R.collective_us(4e8, 2, hw, "send_recv") == pytest.approx(R.LAUNCH_US + 1000)
     # batched GEMM: 128 heads x (1 x 512) @ (512 x 128) bf16: 128 x 2 x (512 + 65536 + 128) B read/written
     assert R.bmm_us(128, 1, 128, 512, hw) == pytest.approx(R.LAUNCH_US + 128 * 2 * (512 + 512 * 128 + 128) / 4e6)
+
+
+def test_serve_override_picks_its_rows_where_they_exist_and_steps_aside_where_not():
+    """conf/train.yaml's serve_override (a100 gemm -> vidur/torch) decides the serving context of
+    that GPU and family only; a GPU profile without those rows (a user's own) serves the newest
+    engine's rows and says so, rather than refusing to train."""
+    from estimator.train import choose_sources
+    cfg = OmegaConf.create({"serve_override": {"a100": {"gemm": "vidur/torch"}}, "train_sources": "all"})
+    both = pd.DataFrame({"source": ["vidur", "aiconfigurator"], "backend": ["torch", "vllm-0.14.0"]})
+    newest = choose_sources(both, "gemm", cfg, "h100/gemm", "h100")[1][""]      # no override for h100
+    _, serve, note = choose_sources(both, "gemm", cfg, "a100/gemm", "a100")
+    assert serve[""]["source"] == "vidur" and serve[""]["backend"] == "torch" and "serve_override" in note
+    assert newest["source"] == "aiconfigurator"
+    own = pd.DataFrame({"source": ["opcast"], "backend": ["torch"]})
+    _, serve, note = choose_sources(own, "gemm", cfg, "a100/gemm", "a100")
+    assert serve[""]["source"] == "opcast" and "has no rows here" in note
