@@ -23,7 +23,10 @@ API (what ``python -m sim.run`` and the search build on)::
   spec_num_accepted_tokens, spec_acceptance_length_mean, spec_acceptance_rate and
   spec_acceptance_rate_pos<i>; with KV offload prefix_hit_rate_cpu, prefill_tokens_loaded,
   offload_bytes_to_gpu, offload_bytes_to_cpu, offload_cpu_evictions, offload_swap_outs,
-  offload_transfer_s. ``.requests``: one row per request (ids, times, lengths,
+  offload_transfer_s; goodput_rps, goodput_rps_per_gpu, slo_attainment (sim.goodput_*_s), gpus;
+  with ``deployment=disaggregated`` (sim.disagg) prefill_queue_s, prefill_s, kv_wait_s,
+  kv_transfer_s, decode_queue_s (_mean, _p90), {prefill,decode}_kv_util_{mean,peak},
+  kv_transfer_bytes, num_kv_transfers. ``.requests``: one row per request (ids, times, lengths,
   num_cached_tokens, ttft_s, tpot_s, e2e_s, ...) when ``sim.keep_requests`` (default);
   ``.replicas``: per replica, requests routed, KV use and prefix cache figures;
   ``.memory``: the MemoryPlan.
@@ -32,7 +35,8 @@ API (what ``python -m sim.run`` and the search build on)::
   deployment fits, without simulating - the search skips configs with ``.reason``.
 - ``SCHEDULERS`` (name -> class with ``schedule(now, running, waiting, blocks)``), ``ROUTERS``.
 
-Modules: engine (event loop, fast-forward of steady decodes), costs (batch time from OpTimes),
+Modules: engine (event loop, fast-forward of steady decodes), disagg (prefill/decode pools and
+the KV hand-off), kv_transfer (its link and time), costs (batch time from OpTimes),
 memory (KV capacity), prefix_cache (vLLM v1's automatic prefix caching), spec (speculative
 decoding), offload (a CPU tier below the prefix cache, swap preemption), workload (arrivals,
 lengths, traces, shared prefixes, multi-turn sessions), router, metrics (streaming stats),

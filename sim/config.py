@@ -8,7 +8,7 @@ are off unless asked so that ``simulate`` is cheap for the search.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import conf
 
@@ -155,6 +155,40 @@ class RouterConf:
 
 
 @dataclass
+class PoolConf:
+    """One pool of a disaggregated deployment: its GPU, layout and scheduler overrides."""
+    hw: str = ""                      # a conf/hw name; "" = the config's hw
+    tp: int = 0                       # 0 = parallel.tp
+    pp: int = 0                       # 0 = parallel.pp
+    replicas: int = 1
+    scheduler: Dict[str, Any] = field(default_factory=dict)   # overrides of the scheduler node for this pool
+
+
+@dataclass
+class KvTransferConf:
+    """How the KV cache moves from a prefill to a decode replica (sim/kv_transfer.py)."""
+    link: str = "auto"                # auto | nvlink | network
+    # true: the KV of each layer is sent as soon as the prefill computed it (LMCache, Mooncake,
+    # DistServe), so the transfer hides behind the prompt's own prefill; false: it starts once
+    # the prefill is done (vLLM's NixlConnector pulls the finished request's blocks)
+    overlap: bool = False
+    bw_gbps: float = 0.0              # > 0: per-GPU bandwidth, GB/s, instead of the hw cards'
+    latency_us: float = -1.0          # >= 0: per-transfer latency instead of the cards' network latency
+
+
+@dataclass
+class DeploymentConf:
+    """colocated: every replica prefills and decodes (parallel.*). disaggregated (sim/disagg.py):
+    a prefill pool and a decode pool, the KV cache handed over between them."""
+    name: str = "colocated"           # colocated | disaggregated
+    prefill: PoolConf = field(default_factory=PoolConf)
+    decode: PoolConf = field(default_factory=PoolConf)
+    prefill_router: str = "least_outstanding"   # a sim.router name, over the prefill replicas
+    decode_router: str = "least_outstanding"    # over the decode replicas (no prefix cache there)
+    kv_transfer: KvTransferConf = field(default_factory=KvTransferConf)
+
+
+@dataclass
 class SimConf:
     out_dir: Optional[str] = None     # None: no files (simulate) / Hydra's run dir (python -m sim.run)
     data_dir: str = "data"            # traces in <data_dir>/traces, estimators in <data_dir>/estimators
@@ -184,6 +218,11 @@ class SimConf:
     # include the per-request lists as --save-detailed does (needs keep_requests).
     vllm_detailed: bool = True
     progress: bool = True             # progress bar with ETA on stderr for runs longer than ~2 s
+    # Goodput (DistServe): requests whose own TTFT and TPOT are both within these limits, per
+    # second and per GPU (summary goodput_rps, goodput_rps_per_gpu, slo_attainment). Your SLOs,
+    # not measurements; 0 = not judged. Needs keep_requests.
+    goodput_ttft_s: float = 2.0
+    goodput_tpot_s: float = 0.1
 
 
 def register() -> None:
@@ -196,6 +235,7 @@ def register() -> None:
     cs.store(group="router", name="router_schema", node=RouterConf)
     cs.store(group="engine", name="engine_schema", node=EngineConf)
     cs.store(group="sim", name="sim_schema", node=SimConf)
+    cs.store(group="deployment", name="deployment_schema", node=DeploymentConf)
 
 
 def compose(overrides: Sequence[str] = ()):

@@ -150,14 +150,24 @@ def warn_layout(hw, lay: shapes.Layout) -> None:
                   f"run over the network; keep tp <= {hw.devices_per_node} and use pp across nodes")
 
 
-def simulate(cfg: DictConfig, op_times=None, *, outputs: bool | None = None) -> SimResult:
-    """Run cfg's deployment on cfg's workload; ``op_times`` reuses a loaded OpTimes (same hw,
-    model, tp). Writes files to ``cfg.sim.out_dir`` only when it is set (or outputs=True)."""
-    wall0 = time.perf_counter()
+@dataclass
+class Prepared:
+    """What one (colocated) deployment config resolves to before it runs."""
+    hw: object
+    model: object
+    lay: shapes.Layout
+    plan: MemoryPlan
+    engine: EngineConf
+    sched: SchedulerConf
+    longest: int               # longest request (prompt + output), tokens
+
+
+def prepare(cfg: DictConfig) -> Prepared:
+    """Check cfg and size its replicas' KV cache; ConfigError when it cannot run."""
     _validate(cfg)
     engine = engine_profile(cfg)   # checked before the (slow) operator tables are built
     hw, model = to_hw(cfg.hw), to_model(cfg.model)
-    tp, pp, n_rep = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.replicas
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
     lay = shapes.layout_of(model, cfg.parallel)
     warn_layout(hw, lay)
     plan = plan_for(cfg, hw, model)
@@ -172,38 +182,48 @@ def simulate(cfg: DictConfig, op_times=None, *, outputs: bool | None = None) -> 
         raise ConfigError(f"{model.name} does not fit on {hw.name} at tp={tp} pp={pp}: "
                           f"{plan.num_blocks} KV blocks minus the watermark cannot hold one "
                           f"{longest}-token request")
-    wl = WorkloadConf(**OmegaConf.to_container(cfg.workload, resolve=True))
-    counts: dict = {}
-    stream = workloads.requests(wl, int(cfg.seed), longest, cfg.sim.data_dir,   # checks the trace
-                                sc.block_size, counts)
-    if op_times is None:
-        op_times = load_op_times_for(cfg)
-    elif getattr(op_times, "tp", tp) != tp or getattr(getattr(op_times, "model", model), "name", model.name) != model.name:
+    sched = SchedulerConf(**OmegaConf.to_container(sc, resolve=True))  # plain attrs: fast
+    return Prepared(hw, model, lay, plan, engine, sched, longest)
+
+
+def check_op_times(cfg: DictConfig, op_times, prep: Prepared) -> None:
+    tp, model, lay = cfg.parallel.tp, prep.model, prep.lay
+    if getattr(op_times, "tp", tp) != tp or getattr(getattr(op_times, "model", model), "name", model.name) != model.name:
         raise ConfigError("op_times was loaded for another model/tp than cfg asks for")
-    elif getattr(op_times, "layout", lay).ep != lay.ep or getattr(op_times, "layout", lay).dp != lay.dp:
+    if getattr(op_times, "layout", lay).ep != lay.ep or getattr(op_times, "layout", lay).dp != lay.dp:
         raise ConfigError("op_times was loaded for another expert/data-parallel layout than cfg asks for")
-    writing = bool(cfg.sim.out_dir) if outputs is None else outputs
-    trace = [] if writing and cfg.sim.trace else None
-    timeline = [] if writing else None
-    metrics = Metrics(cfg.sim.keep_requests, engine.frontend_latency_us * 1e-6)
+
+
+def make_replicas(cfg: DictConfig, prep: Prepared, op_times, first_idx: int = 0) -> list[Replica]:
+    """The engine cores of cfg's deployment (each DP-attention rank is its own, as in vLLM),
+    numbered from first_idx."""
+    sc, sched_conf, plan, hw = cfg.scheduler, prep.sched, prep.plan, prep.hw
+    draft = spec.draft_cost(cfg, prep.engine, hw) if sched_conf.spec.method == "draft" else None
     replicas = []
-    sched_conf = SchedulerConf(**OmegaConf.to_container(sc, resolve=True))  # plain attrs: fast
-    draft = spec.draft_cost(cfg, engine, hw) if sched_conf.spec.method == "draft" else None
-    # Each DP-attention rank is its own engine core (scheduler, KV cache), as in vLLM.
-    for i in range(n_rep * lay.dp):
-        cost = BatchCost(op_times, model, pp, engine=engine, interconnect=hw.interconnect,
-                         graphs=hw.device == "cuda")
+    for i in range(cfg.parallel.replicas * prep.lay.dp):
+        cost = BatchCost(op_times, prep.model, cfg.parallel.pp, engine=prep.engine,
+                         interconnect=hw.interconnect, graphs=hw.device == "cuda")
         if sched_conf.offload.cpu_gib > 0:
-            blocks = offload.make_cache(sched_conf, plan, lay, hw, cost.layers)
+            blocks = offload.make_cache(sched_conf, plan, prep.lay, hw, cost.layers)
         else:
             blocks = (PrefixCache if sched_conf.prefix_caching else Blocks)(plan.num_blocks, sc.block_size,
                                                                              sc.watermark)
-        replicas.append(Replica(i, SCHEDULERS[sc.name](sched_conf), blocks, cost, pp))
+        replicas.append(Replica(first_idx + i, SCHEDULERS[sc.name](sched_conf), blocks, cost, cfg.parallel.pp))
         if spec.enabled(sched_conf):
             spec.attach(replicas[-1], sched_conf, int(cfg.seed), draft)
-    router_conf = RouterConf(**OmegaConf.to_container(cfg.router, resolve=True))
-    loop = Engine(replicas, cfg.router.name, int(cfg.seed), metrics, cfg.sim.fast_forward,
-                  trace, cfg.sim.max_trace_events, timeline, router_conf)
+    return replicas
+
+
+def request_stream(cfg: DictConfig, longest: int, block_size: int):
+    """(WorkloadConf, the request stream, counts): the trace is checked here."""
+    wl = WorkloadConf(**OmegaConf.to_container(cfg.workload, resolve=True))
+    counts: dict = {}
+    stream = workloads.requests(wl, int(cfg.seed), longest, cfg.sim.data_dir, block_size, counts)
+    return wl, stream, counts
+
+
+def run_loop(loop: Engine, metrics: Metrics, stream, cfg: DictConfig, wl: WorkloadConf) -> tuple[float, float]:
+    """Run the event loop over the stream; (simulated end time, loop wall seconds)."""
     t_loop = time.perf_counter()
     with Progress(metrics, wl.num_requests, enabled=bool(cfg.sim.progress)):
         end_s = loop.run(stream)
@@ -211,13 +231,45 @@ def simulate(cfg: DictConfig, op_times=None, *, outputs: bool | None = None) -> 
     if metrics.num_requests != cfg.workload.num_requests:
         raise RuntimeError(f"simulation ended with {metrics.num_requests} of "
                            f"{cfg.workload.num_requests} requests complete")
+    return end_s, loop_s
+
+
+def warn_clipped(counts: dict, n: int, wl: WorkloadConf, longest: int, model, sched_name: str) -> None:
     if counts["clipped"]:   # once per process: a search would say it for every probe
         warn_once(("clipped", wl.name, longest),
-                  f"{counts['clipped']} of {metrics.num_requests} requests were longer than the "
+                  f"{counts['clipped']} of {n} requests were longer than the "
                   f"{longest}-token request limit (prompt + output; workload.max_request_tokens, else "
                   f"{model.name}'s max_position"
-                  f"{'' if SCHEDULERS[sc.name].chunked else ', capped by the token budget of an unchunked scheduler'}"
+                  f"{'' if SCHEDULERS[sched_name].chunked else ', capped by the token budget of an unchunked scheduler'}"
                   f") and were clipped to it; workload.too_long=error refuses such runs instead", "sim")
+
+
+def simulate(cfg: DictConfig, op_times=None, *, outputs: bool | None = None) -> SimResult:
+    """Run cfg's deployment on cfg's workload; ``op_times`` reuses a loaded OpTimes (same hw,
+    model, tp). Writes files to ``cfg.sim.out_dir`` only when it is set (or outputs=True).
+    ``deployment=disaggregated`` runs sim.disagg (op_times: a function pool cfg -> OpTimes)."""
+    if cfg.get("deployment") is not None and cfg.deployment.name != "colocated":
+        from sim import disagg
+        return disagg.simulate(cfg, load_op_times=op_times, outputs=outputs)
+    wall0 = time.perf_counter()
+    prep = prepare(cfg)
+    hw, model, lay, plan, engine = prep.hw, prep.model, prep.lay, prep.plan, prep.engine
+    n_rep, sc = cfg.parallel.replicas, cfg.scheduler
+    wl, stream, counts = request_stream(cfg, prep.longest, sc.block_size)
+    if op_times is None:
+        op_times = load_op_times_for(cfg)
+    else:
+        check_op_times(cfg, op_times, prep)
+    writing = bool(cfg.sim.out_dir) if outputs is None else outputs
+    trace = [] if writing and cfg.sim.trace else None
+    timeline = [] if writing else None
+    metrics = Metrics(cfg.sim.keep_requests, engine.frontend_latency_us * 1e-6)
+    replicas = make_replicas(cfg, prep, op_times)
+    router_conf = RouterConf(**OmegaConf.to_container(cfg.router, resolve=True))
+    loop = Engine(replicas, cfg.router.name, int(cfg.seed), metrics, cfg.sim.fast_forward,
+                  trace, cfg.sim.max_trace_events, timeline, router_conf)
+    end_s, loop_s = run_loop(loop, metrics, stream, cfg, wl)
+    warn_clipped(counts, metrics.num_requests, wl, prep.longest, model, sc.name)
     check_queries = getattr(op_times, "warn_outside_trained", None)
     if check_queries:
         check_queries()
@@ -231,6 +283,8 @@ def simulate(cfg: DictConfig, op_times=None, *, outputs: bool | None = None) -> 
     # what the layout buys in memory (the search explains its winner with these)
     summary["kv_capacity_tokens"] = float(plan.num_tokens * lay.dp)     # per replica, all DP ranks
     summary["weight_gib_per_gpu"] = plan.weight_bytes / 2 ** 30
+    summary["gpus"] = float(lay.gpus * n_rep)
+    summary.update(goodput(columns, summary, cfg.sim, lay.gpus * n_rep))
     summary.update(prefix_stats([r.blocks for r in replicas]))
     summary.update(spec.stats(replicas))                      # only when the feature is on
     summary.update(offload.stats([r.blocks for r in replicas]))
@@ -242,6 +296,21 @@ def simulate(cfg: DictConfig, op_times=None, *, outputs: bool | None = None) -> 
         from sim.outputs import write_outputs
         write_outputs(result, cfg)
     return result
+
+
+def goodput(columns, summary: dict, simc, gpus: int) -> dict[str, float]:
+    """DistServe's goodput: requests meeting both their TTFT and TPOT limits (sim.goodput_*_s),
+    per second of the run and per GPU, and the share of requests that met them. A one-token
+    answer has no TPOT and is judged on its TTFT. Empty without kept requests or limits."""
+    ttft_s, tpot_s = float(simc.get("goodput_ttft_s", 0)), float(simc.get("goodput_tpot_s", 0))
+    if columns is None or ttft_s <= 0 or tpot_s <= 0 or not len(columns["ttft_s"]):
+        return {}
+    import numpy as np
+    tpot = columns["tpot_s"]
+    met = (columns["ttft_s"] <= ttft_s) & (np.isnan(tpot) | (tpot <= tpot_s))
+    share = float(met.mean())
+    rps = summary["throughput_rps"] * share
+    return {"slo_attainment": share, "goodput_rps": rps, "goodput_rps_per_gpu": rps / gpus}
 
 
 PROGRESS_DELAY_S = 2.0

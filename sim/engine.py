@@ -32,10 +32,11 @@ from sim.schedulers.common import Blocks
 #               `steps` decode iterations, the first ending at first_end_s) has finished
 #   STAGE_FREE  replica: its first pipeline stage can take the next batch (pp > 1)
 #   WAKE        replica: schedule it once every arrival of this instant has been routed
+#   KV_READY    (decode replica, request): a prompt's KV cache has arrived (sim.disagg)
 # The heap orders events by (time, rank, push order): at one instant arrivals come first, then
 # batch completions and stage hand-offs (one rank, in push order), then wake-ups.
-ARRIVAL, BATCH_DONE, STAGE_FREE, WAKE, NEXT_TURN = range(5)
-_RANK = (0, 1, 1, 2, 0)
+ARRIVAL, BATCH_DONE, STAGE_FREE, WAKE, NEXT_TURN, KV_READY = range(6)
+_RANK = (0, 1, 1, 2, 0, 1)
 INF = math.inf
 
 
@@ -63,6 +64,7 @@ class Request:
 
 class Replica:
     spec = None          # sim.spec.SpecDecoder when the replica decodes speculatively
+    pool = ""            # sim.disagg: "prefill" or "decode" ("" = a colocated replica)
 
     def __init__(self, idx: int, scheduler, blocks: Blocks, cost, pp: int):
         self.idx, self.scheduler, self.blocks, self.cost, self.pp = idx, scheduler, blocks, cost, pp
@@ -94,6 +96,7 @@ class Engine:
                  trace: list | None = None, max_trace_events: int = 0, timeline: list | None = None,
                  router_conf=None):
         self.replicas, self.metrics = replicas, metrics
+        self.entry = replicas         # the replicas the router sends new requests to
         self.route = ROUTERS[router]
         self.router_state = RouterState(random.Random(seed * 2 + 3), router_conf)
         self.fast_forward = fast_forward
@@ -105,6 +108,10 @@ class Engine:
         self.stream_next_s = INF      # the stream's pending arrival
         self.turns_due: list = []     # arrival times of pending next turns (a heap)
         self.turn_bound = False       # sessions on several replicas: see the module docstring
+        self.request_cls = Request
+        # sim.disagg: a replica's completions send work to another (KV hand-offs), so steady
+        # decode stretches always stop at other replicas' batch completions.
+        self.bound_by_others = False
 
     # --- events ---------------------------------------------------------------------------
     def push(self, t: float, kind: int, payload) -> None:
@@ -117,7 +124,8 @@ class Engine:
         self.next_id = 0
         self._pull_arrival()
         first = self.heap[0][4] if self.heap else None     # a stream of sessions, or none
-        self.turn_bound = len(self.replicas) > 1 and first is not None and first.session is not None
+        self.turn_bound = self.bound_by_others or (len(self.replicas) > 1 and first is not None
+                                                   and first.session is not None)
         now = 0.0
         heap, pop = self.heap, heapq.heappop
         while heap:
@@ -136,13 +144,29 @@ class Engine:
             elif kind == WAKE:
                 payload.wake_pending = False
                 self.start(payload, now)
-            else:   # NEXT_TURN
-                heapq.heappop(self.turns_due)
-                self.next_arrival_s = min(self.stream_next_s, self.turns_due[0] if self.turns_due else INF)
+            elif kind == NEXT_TURN:
+                self._due_done()
                 self._route(payload, now)
+            else:
+                self.handle(kind, payload, now)
         for r in self.replicas:
             r.note_kv(now)
         return now
+
+    def handle(self, kind: int, payload, now: float) -> None:
+        """Events of kinds this loop does not know (sim.disagg's KV arrivals)."""
+        raise ValueError(f"unknown event kind {kind}")
+
+    def due(self, t: float, kind: int, payload) -> None:
+        """Queue an event that brings work to a replica at t (a session's next turn, a KV
+        arrival): steady decode stretches stop there, as at an arrival."""
+        self.push(t, kind, payload)
+        heapq.heappush(self.turns_due, t)
+        self.next_arrival_s = min(self.next_arrival_s, t)
+
+    def _due_done(self) -> None:
+        heapq.heappop(self.turns_due)
+        self.next_arrival_s = min(self.stream_next_s, self.turns_due[0] if self.turns_due else INF)
 
     def _pull_arrival(self, now: float = 0.0) -> None:
         """Queue the stream's next request (one pending arrival at a time keeps memory flat)."""
@@ -154,7 +178,7 @@ class Engine:
             return
         if nxt[0] < now:
             raise ValueError("arrivals must be in time order")
-        self.push(nxt[0], ARRIVAL, Request(self.next_id, *nxt))
+        self.push(nxt[0], ARRIVAL, self.request_cls(self.next_id, *nxt))
         self.next_id += 1
 
     def _next_turn(self, req: Request, now: float) -> None:
@@ -162,13 +186,11 @@ class Engine:
         nxt = req.session.next_turn(now)
         if nxt is None:
             return
-        self.push(nxt[0], NEXT_TURN, Request(self.next_id, *nxt))
+        self.due(nxt[0], NEXT_TURN, self.request_cls(self.next_id, *nxt))
         self.next_id += 1
-        heapq.heappush(self.turns_due, nxt[0])
-        self.next_arrival_s = min(self.next_arrival_s, nxt[0])
 
     def _route(self, req: Request, now: float) -> None:
-        replica = self.route(self.replicas, req, self.router_state)
+        replica = self.route(self.entry, req, self.router_state)
         req.replica = replica.idx
         replica.outstanding += 1
         replica.routed += 1
@@ -379,16 +401,20 @@ class Engine:
         if completed:
             rep.note_kv(now)
             keep = []
+            done = []
             for r in rep.running:
-                if r.done:
-                    rep.blocks.release(r)
-                    rep.outstanding -= 1
-                    m.complete(r, now)
-                    if r.session is not None:
-                        self._next_turn(r, now)
-                else:
-                    keep.append(r)
+                (done if r.done else keep).append(r)
             rep.running[:] = keep
+            for r in done:
+                self.retire(rep, r, now)
+
+    def retire(self, rep: Replica, r: Request, now: float) -> None:
+        """A request is complete on rep: free its KV, count it, send its session's next turn."""
+        rep.blocks.release(r)
+        rep.outstanding -= 1
+        self.metrics.complete(r, now)
+        if r.session is not None:
+            self._next_turn(r, now)
 
     # --- optional records ----------------------------------------------------------------
     def _trace(self, rep, stage, start_s, dur_s, name, batch_size, num_tokens) -> None:

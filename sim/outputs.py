@@ -36,7 +36,11 @@ def summary_table(summary: dict, band: dict | None = None, band_runs: dict | Non
             "throughput_tok_s", "batch_size_mean", "kv_util_mean", "kv_util_peak", *PREFIX_KEYS,
             # speculative decoding and KV offload (sim/spec.py, sim/offload.py), when on
             *(k for k in summary if k.startswith(("spec_", "offload_", "prefix_hit_rate_cpu", "prefill_tokens_loaded"))),
-            "mfu", "mbu", "sim_time_s", "wall_s")
+            # prefill/decode disaggregation (sim/disagg.py): where a request's time goes, per pool
+            *(k for k in summary if k.startswith(("prefill_queue_s", "prefill_s_", "kv_wait_s", "kv_transfer_s",
+                                                  "decode_queue_s", "prefill_kv_util", "decode_kv_util",
+                                                  "num_kv_transfers"))),
+            "goodput_rps", "goodput_rps_per_gpu", "slo_attainment", "gpus", "mfu", "mbu", "sim_time_s", "wall_s")
     lines.append("")
     for k in rest:
         if k in summary:

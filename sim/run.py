@@ -61,11 +61,16 @@ def _main(cfg: DictConfig) -> None:
     stages = f" ({layer_split(model.num_layers, par.pp)})" if par.pp > 1 else ""
     sparse = (f" ep={par.ep} dp_attention={str(par.dp_attention).lower()}"
               if par.get("ep", 1) > 1 or par.get("dp_attention", False) else "")
-    print(f"{model.name} on {cfg.hw.name} tp={par.tp} pp={par.pp}{stages}{sparse} "
-          f"replicas={par.replicas}, scheduler {cfg.scheduler.name}, workload "
+    if cfg.deployment.name == "disaggregated":
+        from sim.disagg import describe
+        where = describe(cfg, result)
+    else:
+        where = f"{cfg.hw.name} tp={par.tp} pp={par.pp}{stages}{sparse} replicas={par.replicas}"
+    print(f"{model.name} on {where}, scheduler {cfg.scheduler.name}, workload "
           f"{cfg.workload.name} ({int(s['num_requests'])} requests, {cfg.workload.arrival} "
           f"{cfg.workload.qps if cfg.workload.arrival in ('poisson', 'gamma') else ''}), "
-          f"KV {result.memory.num_blocks} blocks x {result.memory.block_size}, op times: {result.op_source}")
+          f"KV {result.memory.num_blocks} blocks x {result.memory.block_size}"
+          f"{' per decode replica' if cfg.deployment.name == 'disaggregated' else ''}, op times: {result.op_source}")
     print(summary_table(s, result.band, result.band_runs))
     print(f"outputs in {cfg.sim.out_dir}")
 

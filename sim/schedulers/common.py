@@ -106,13 +106,15 @@ class Scheduler:
     """The shared header of every policy: its SchedulerConf and the flags the engine reads.
 
     ``chunked``: prompts may be split over iterations (else a whole prompt must fit one
-    iteration's token budget). ``stable_decode``, ``stable_while_waiting``: see the module
+    iteration's token budget). ``reserves_output``: admission holds KV blocks for the whole
+    output (sim.disagg reserves them with the arriving KV, so admission cannot wait on them). ``stable_decode``, ``stable_while_waiting``: see the module
     docstring. ``spec_decoding`` / ``kv_offload``: the policy runs sim.spec's draft tokens
     (``draft(request) -> tokens``, set on the instance) / sim.offload's CPU tier."""
 
     stable_decode = True
     stable_while_waiting = True
     chunked = False
+    reserves_output = False     # admission reserves KV for the whole output (RESERVE_OUTPUT)
     spec_decoding = False
     kv_offload = False
     draft = None

@@ -12,6 +12,8 @@ from sim.schedulers.common import (
 
 
 class FasterTransformerScheduler(Scheduler):
+    reserves_output = True
+
     def schedule(self, now, running, waiting, blocks):
         if running:
             return decode_batch(running, waiting, blocks)

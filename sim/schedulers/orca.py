@@ -12,6 +12,8 @@ from sim.schedulers.common import (
 
 
 class OrcaScheduler(Scheduler):
+    reserves_output = True
+
     def schedule(self, now, running, waiting, blocks):
         decodes = []
         schedule_running(running, waiting, blocks, decodes)

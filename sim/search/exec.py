@@ -4,7 +4,9 @@ One task is one deployment candidate: its saturation probes, bracketing and bise
 all seeds (later seeds start from earlier seeds' answers, so they stay in one task). Every
 executor is a generator of TaskResults in completion order, so the caller can write the
 points file and move the progress bar as results arrive. Workers keep the simulator's
-operator tables per (hw, model, tp) in a module-level cache: loaded once per process.
+operator tables per (hw, model, tp) in a module-level cache: loaded once per process (for
+a disaggregated candidate, per pool). A config's ``deployment.name`` picks the simulator:
+sim.simulate, or sim.disagg.simulate for disaggregated ones (no deployment node = colocated).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from omegaconf import OmegaConf
 
 from conf import ConfigError
 from sim.search.capacity import SeedCapacity, capacity_over_seeds
+from sim.search.pools import deployment_name
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SimulateFn = Callable[[object], dict]       # composed sim cfg -> summary dict
@@ -104,12 +107,20 @@ def op_times_for(cfg):
 
 def simulate_summary(cfg) -> dict:
     """Run the opcast simulator on a composed sim config and return its summary."""
+    if deployment_name(cfg) == "disaggregated":
+        # each pool's operator tables are cached like a colocated config's (keyed on its hw/tp)
+        from sim import disagg
+        return dict(disagg.simulate(cfg, load_op_times=op_times_for).summary)
     import sim
     return dict(sim.simulate(cfg, op_times=op_times_for(cfg), outputs=False).summary)
 
 
 def check_fits(cfg) -> None:
     """ConfigError with the simulator's reason when cfg's deployment cannot run (memory, shapes)."""
+    if deployment_name(cfg) == "disaggregated":
+        from sim import disagg
+        disagg.check_fits(cfg)      # either pool: raises ConfigError with the reason
+        return
     import sim
     plan = sim.plan_for(cfg)
     if not plan.fits:

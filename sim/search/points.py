@@ -12,7 +12,8 @@ from conf.files import atomic_write
 
 # Columns of a points row that identify the probe rather than measure it.
 IDENTITY_COLUMNS = ("config_hash", "qps", "seed", "config", "hw", "tp", "pp", "replicas", "gpus",
-                    "scheduler", "knobs", "model", "workload")
+                    "scheduler", "knobs", "model", "workload", "deployment", "decode_hw", "decode_tp",
+                    "decode_replicas")
 
 
 def write_atomic(df: pd.DataFrame, path: Path) -> None:

@@ -3,9 +3,11 @@
     python -m sim.search model=llama2-70b workload=splitwise_conv slo.ttft_p90_s=2 slo.tbt_p99_s=0.2
 
 For every candidate of the space in ``search`` (hw SKU x TP x PP x scheduler knobs, replicas
-filling a fixed GPU budget; conf/search.yaml) it finds the maximum sustainable QPS under
-the SLOs (sim/search/capacity.py) on several seeds, prices it (hw.price_per_gpu_hour_usd) and
-ranks by requests per dollar. Outputs under ``search.out_dir``:
+filling a fixed GPU budget; conf/search.yaml; with ``search.deployments=[colocated,
+disaggregated]`` also prefill/decode pools splitting the budget, sim/search/pools.py) it finds
+the maximum sustainable QPS under the SLOs (sim/search/capacity.py) on several seeds, prices it
+(hw.price_per_gpu_hour_usd of each pool's hw) and ranks by cost per SLO-meeting request
+(``usd_per_slo_request``, the inverse of requests per dollar). Outputs under ``search.out_dir``:
 
 - points.parquet: every simulated probe (config hash, candidate, qps, seed, all summary
   metrics). A re-run with the same out_dir reuses these points instead of simulating again,
@@ -14,7 +16,7 @@ ranks by requests per dollar. Outputs under ``search.out_dir``:
   estimator code, so after a retrain or a code change probes are simulated afresh.
 - capacity.parquet: capacity per candidate and seed; ranked.parquet / ranked.csv: one row
   per candidate (skipped/pruned ones with their reason); pareto.png: requests per USD vs
-  latency at capacity, with the Pareto front.
+  latency at capacity, with the Pareto front (one per deployment family when both ran).
 
 Exit codes: 0 a deployment meets the SLOs, 3 none does (the closest are printed and ranked),
 2 bad input (one ``error:`` line), 1 an unexpected failure (traceback).
@@ -45,12 +47,14 @@ from sim.config import register
 from sim.search.capacity import slo_limits
 from sim.search.exec import Task, check_fits, executor, simulate_summary
 from sim.search.points import PointsStore, write_atomic
+from sim.search.pools import deployments
 from sim.search.report import describe, plot_pareto, rank
 from sim.search.space import (
     code_fingerprint,
     config_hash,
     enumerate_space,
     estimator_fingerprint,
+    hw_prices,
 )
 from sim.workload import resolve_data_dir
 
@@ -65,6 +69,9 @@ NUM_REQUESTS_KEY = "workload.num_requests"
 @dataclass
 class SearchConf:
     gpu_budget: int = 8
+    # colocated replicas and/or disaggregated prefill/decode pools (sim/search/pools.py)
+    deployments: list = field(default_factory=lambda: ["colocated"])
+    disagg_mixed_hw: bool = False    # decode pool on another hw of search.hw than prefill
     hw: list = field(default_factory=lambda: ["a100", "h100"])
     tp: list = field(default_factory=lambda: [1, 2, 4, 8])
     pp: list = field(default_factory=lambda: [1, 2, 3, 4])
@@ -114,6 +121,7 @@ def search_conf(node) -> SearchConf:
     except OmegaConfBaseException as exc:
         raise ConfigError(f"search: {str(exc).splitlines()[0]}") from None
     opts = SearchConf(**OmegaConf.to_container(merged, resolve=True))
+    deployments({"deployments": opts.deployments})     # one ConfigError naming the allowed values
     if not opts.seeds:
         raise ConfigError("search.seeds is empty; give at least one seed")
     if opts.num_requests < 10:
@@ -169,26 +177,32 @@ def run_search(cfg: DictConfig, simulate_fn=None, fits=check_fits) -> SearchOutc
     store = PointsStore(out_dir / "points.parquet")             # a corrupt file: one clear line
 
     runnable, skipped = enumerate_space(cfg, fits=fits)
-    prices = {}
-    for cand, sim_cfg in runnable:
-        prices[cand.hw] = float(sim_cfg.hw.price_per_gpu_hour_usd)
-        if prices[cand.hw] <= 0:
-            raise ConfigError(f"hw {cand.hw}: price_per_gpu_hour_usd is not set; the search "
-                              f"ranks by cost (set hw.price_per_gpu_hour_usd)")
+    prices = hw_prices(cfg)
+    for cand, _ in runnable:
+        for hw in cand.pool_gpus:
+            if not prices.get(hw, 0.0) > 0:
+                raise ConfigError(f"hw {hw}: price_per_gpu_hour_usd is not set; the search "
+                                  f"ranks by cost (set hw.price_per_gpu_hour_usd)")
     sim_cfgs, keyed, fingerprints, code = {}, [], {}, code_fingerprint()
+
+    def fingerprint(hw: str, sim_cfg) -> str:
+        if hw not in fingerprints:
+            fingerprints[hw] = estimator_fingerprint(
+                resolve_data_dir(sim_cfg.sim.data_dir) / "estimators" / hw)
+        return fingerprints[hw]
+
     for cand, sim_cfg in runnable:
         OmegaConf.update(sim_cfg, NUM_REQUESTS_KEY, opts.num_requests, force_add=True)
-        if cand.hw not in fingerprints:
-            fingerprints[cand.hw] = estimator_fingerprint(
-                resolve_data_dir(sim_cfg.sim.data_dir) / "estimators" / cand.hw)
+        # a colocated candidate keeps its one-hw key, so its stored probes stay valid
+        estimator = "+".join(fingerprint(hw, sim_cfg) for hw in cand.pool_gpus)
         key = config_hash(sim_cfg, volatile_keys=(QPS_KEY, SEED_KEY),
-                          extra={"estimator": fingerprints[cand.hw], "code": code})
+                          extra={"estimator": estimator, "code": code})
         if key not in sim_cfgs:                   # (a knob value listed twice)
             sim_cfgs[key] = OmegaConf.to_container(sim_cfg, resolve=True)
             keyed.append((cand, key))
     ident = {key: dict(cand.columns(), model=str(cfg.model.name),
                        workload=str(cfg.workload.get("name", ""))) for cand, key in keyed}
-    cost = {key: cand.gpus * prices[cand.hw] for cand, key in keyed}
+    cost = {key: cand.cost_usd_per_hour(prices) for cand, key in keyed}
 
     def tasks(keys, seeds, saturation_only=False):
         return [Task(i, key, sim_cfgs[key], list(seeds), limits, capacity_params(opts), QPS_KEY,
@@ -270,7 +284,8 @@ def run_search(cfg: DictConfig, simulate_fn=None, fits=check_fits) -> SearchOutc
 
 def summary_table(ranked: pd.DataFrame, rows: int = 15) -> str:
     cols = [c for c in ("rank", "config", "status", "capacity_qps_mean", "capacity_qps_ci95_low",
-                        "capacity_qps_ci95_high", "cost_usd_per_hour", "requests_per_usd",
+                        "capacity_qps_ci95_high", "cost_usd_per_hour", "usd_per_slo_request",
+                        "requests_per_usd",
                         "ttft_s_p90_at_capacity", "itl_s_p99_at_capacity") if c in ranked]
     with pd.option_context("display.width", 200, "display.max_columns", 20,
                            "display.float_format", "{:.4g}".format):

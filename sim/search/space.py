@@ -12,18 +12,31 @@ tp x pp GPUs, or ep GPUs of dp_attention ranks); dense models only take ep=1 wit
 attention. Splits that cannot run are recorded with the reason (budget not divisible, heads
 not divisible by tp, an expert layout the engines cannot run, model does not fit in memory)
 instead of silently dropped.
+
+With ``search.deployments: [colocated, disaggregated]`` the space also holds disaggregated
+candidates: a prefill pool and a decode pool splitting the budget (sim/search/pools.py says
+which dimensions they take).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from conf import ConfigError, choices, compose, shapes, to_model
+from sim.search.pools import (
+    deployment_nodes,
+    deployments,
+    disagg_node,
+    disagg_splits,
+    hw_pairs,
+)
 
 # Keys of the search's composed config that are not part of one simulation.
 SEARCH_ONLY_KEYS = ("search", "slo")
@@ -45,6 +58,15 @@ class Candidate:
     prefix_caching: bool | None = None   # None: the scheduler config's own setting
     spec_tokens: int | None = None       # draft tokens (0 = no speculative decoding); None: the config's
     offload_gib: float | None = None     # CPU KV tier (0 = none); None: the config's
+    # Disaggregated candidates: hw/tp/pp/replicas above are the prefill pool's, these the decode pool's.
+    deployment: str = "colocated"        # colocated | disaggregated
+    decode_hw: str = ""
+    decode_tp: int = 0
+    decode_replicas: int = 0
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.deployment == "disaggregated"
 
     @property
     def width(self) -> int:
@@ -52,8 +74,21 @@ class Candidate:
         return self.ep if self.dp_attention else self.tp
 
     @property
+    def pool_gpus(self) -> dict[str, int]:
+        """GPUs per hw SKU (two SKUs when a disaggregated candidate mixes them)."""
+        gpus = {self.hw: self.width * self.pp * self.replicas}
+        if self.disaggregated:
+            gpus[self.decode_hw] = gpus.get(self.decode_hw, 0) + self.decode_tp * self.decode_replicas
+        return gpus
+
+    @property
     def gpus(self) -> int:
-        return self.width * self.pp * self.replicas
+        return sum(self.pool_gpus.values())
+
+    def cost_usd_per_hour(self, prices: dict) -> float:
+        """What the candidate's GPUs cost per hour, each pool at its own hw's price (NaN when a
+        price is unknown)."""
+        return sum(n * prices.get(hw, math.nan) for hw, n in self.pool_gpus.items())
 
     @property
     def label(self) -> str:
@@ -61,6 +96,10 @@ class Candidate:
         replicas = f"x{self.replicas}" if self.replicas else "x-"   # x- : the split misses the budget
         sparse = (f" ep{self.ep}" if self.ep > 1 else "") + (" dp-attn" if self.dp_attention else "")
         dtypes = "".join(f" {name}:{v}" for name, v in (("w", self.weight_dtype), ("kv", self.kv_dtype)) if v)
+        if self.disaggregated:
+            decode = f"x{self.decode_replicas}" if self.decode_replicas else "x-"
+            return (f"disagg P:{self.hw} tp{self.tp}{replicas} D:{self.decode_hw} tp{self.decode_tp}"
+                    f"{decode}{dtypes} {self.scheduler} {knobs}").strip()
         extra = [self.router] if self.router else []
         if self.prefix_caching is not None:
             extra.append("prefix-cache" if self.prefix_caching else "no-prefix-cache")
@@ -82,6 +121,10 @@ class Candidate:
             cols["spec_num_tokens"] = self.spec_tokens
         if self.offload_gib is not None:
             cols["offload_cpu_gib"] = self.offload_gib
+        cols["deployment"] = self.deployment
+        if self.disaggregated:                # colocated rows keep their columns (NaN here)
+            cols.update(decode_hw=self.decode_hw, decode_tp=self.decode_tp,
+                        decode_replicas=self.decode_replicas)
         return cols
 
 
@@ -107,11 +150,18 @@ def knob_grid(knob_lists: dict) -> list[tuple]:
 
 
 def _compose_sim(overrides: list[str]) -> DictConfig:
+    return _compose_sim_cached(tuple(overrides)).copy()   # a copy: callers may not share edits
+
+
+@functools.lru_cache(maxsize=64)
+def _compose_sim_cached(overrides: tuple) -> DictConfig:
+    # Cached: the search composes each hw option for its candidates and again for prices, and
+    # a composition depends only on the YAML files and these overrides.
     from hydra import compose as hydra_compose
     from hydra.core.global_hydra import GlobalHydra
     if GlobalHydra.instance().is_initialized():    # inside ``python -m sim.search``'s Hydra app
-        return hydra_compose("sim", overrides)
-    return compose("sim", overrides)
+        return hydra_compose("sim", list(overrides))
+    return compose("sim", list(overrides))
 
 
 def group_nodes(cfg: DictConfig, group: str, names: list[str]) -> dict[str, DictConfig]:
@@ -125,16 +175,27 @@ def group_nodes(cfg: DictConfig, group: str, names: list[str]) -> dict[str, Dict
     for name in names:
         if name not in known:
             raise ConfigError(f"search: unknown {group} {name!r}; choose from {', '.join(known)}")
-        if cfg[group].get("name") == name:
+        if (cfg.get(group) or {}).get("name") == name:
             nodes[name] = cfg[group]
         else:
             nodes[name] = _compose_sim([f"{group}={name}"])[group]
     return nodes
 
 
+def hw_prices(cfg: DictConfig) -> dict[str, float]:
+    """USD per GPU-hour of each hw of ``search.hw`` (with the user's overrides for the selected one)."""
+    nodes = group_nodes(cfg, "hw", [str(h) for h in _as_list(cfg.search.hw, "hw")])
+    return {name: float(node.get("price_per_gpu_hour_usd", 0.0) or 0.0) for name, node in nodes.items()}
+
+
 def sim_config(cfg: DictConfig, hw_node: DictConfig, sched_node: DictConfig,
-               cand: Candidate, router_node: DictConfig | None = None) -> DictConfig:
-    """The simulator's config for one candidate: the search config minus its own keys."""
+               cand: Candidate, router_node: DictConfig | None = None,
+               deployment_node: dict | None = None) -> DictConfig:
+    """The simulator's config for one candidate: the search config minus its own keys.
+
+    ``deployment_node``: the base node of the candidate's family (pools.deployment_nodes);
+    None leaves the config's own (a colocated search as before there were families).
+    """
     data = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
             if k not in SEARCH_ONLY_KEYS}
     data["hw"] = OmegaConf.to_container(hw_node, resolve=True)
@@ -170,6 +231,11 @@ def sim_config(cfg: DictConfig, hw_node: DictConfig, sched_node: DictConfig,
     for field in ("weight_dtype", "kv_dtype"):
         if getattr(cand, field):
             data["model"] = {**data["model"], field: getattr(cand, field)}
+    if cand.disaggregated:
+        # top-level hw/parallel are the prefill pool's: the simulator's defaults for the pools
+        data["deployment"] = disagg_node(deployment_node or {}, cand)
+    elif deployment_node is not None:
+        data["deployment"] = deployment_node
     return OmegaConf.create(data)
 
 
@@ -253,7 +319,9 @@ def enumerate_space(cfg: DictConfig, fits=None) -> tuple[list[tuple[Candidate, D
     budget = int(space.gpu_budget)
     if budget < 1:
         raise ConfigError(f"search.gpu_budget={budget}: must be at least 1 GPU")
+    families = deployments(space)
     hw_nodes = group_nodes(cfg, "hw", [str(h) for h in _as_list(space.hw, "hw")])
+    deploy_nodes = deployment_nodes(cfg, families, group_nodes)
     schedulers = [str(s) for s in _as_list(space.schedulers, "schedulers")]
     sched_nodes = group_nodes(cfg, "scheduler", schedulers)
     knobs = OmegaConf.to_container(space.get("knobs") or {}, resolve=True)
@@ -271,7 +339,23 @@ def enumerate_space(cfg: DictConfig, fits=None) -> tuple[list[tuple[Candidate, D
     if any(g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or g < 0) for g in offloads):
         raise ConfigError(f"search.offload_cpu_gib={offloads}: give CPU pool sizes in GiB >= 0 (0 = off)")
     runnable, skipped = [], []
-    for hw in hw_nodes:
+
+    def add(cand: Candidate, reason: str, hw: str, sched: str, router: str = "") -> None:
+        """The candidate as runnable with its sim config, or skipped with why."""
+        if reason:
+            skipped.append(Skipped(cand, reason))
+            return
+        sim_cfg = sim_config(cfg, hw_nodes[hw], sched_nodes[sched], cand, router_nodes.get(router),
+                             deploy_nodes[cand.deployment])
+        try:
+            if fits is not None:
+                fits(sim_cfg)
+        except ConfigError as exc:
+            skipped.append(Skipped(cand, str(exc)))
+            return
+        runnable.append((cand, sim_cfg))
+
+    for hw in hw_nodes if "colocated" in families else ():
         for (tp, pp, ep, dp, replicas, reason), (wdt, kvdt) in itertools.product(
                 parallel_splits(space, budget, moe, str(cfg.parallel.get("all2all_backend", ""))), dtypes):
             for sched in schedulers:
@@ -279,22 +363,24 @@ def enumerate_space(cfg: DictConfig, fits=None) -> tuple[list[tuple[Candidate, D
                         knob_grid(knobs.get(sched) or {}), routers or [""], caching, spec_ks, offloads):
                     cand = Candidate(hw, tp, pp, replicas, sched, knob_values, ep, dp, str(wdt or ""),
                                      str(kvdt or ""), router, cache, k, None if gib is None else float(gib))
-                    if reason:
-                        skipped.append(Skipped(cand, reason))
-                        continue
                     on = sched_nodes[sched].get("prefix_caching", False) if cache is None else cache
-                    if (router or cfg.router.name) == "prefix_affinity" and not on:
-                        skipped.append(Skipped(cand, "router prefix_affinity needs prefix caching"))
-                        continue
-                    sim_cfg = sim_config(cfg, hw_nodes[hw], sched_nodes[sched], cand,
-                                         router_nodes.get(router))
-                    try:
-                        if fits is not None:
-                            fits(sim_cfg)
-                    except ConfigError as exc:
-                        skipped.append(Skipped(cand, str(exc)))
-                        continue
-                    runnable.append((cand, sim_cfg))
+                    if not reason and (router or cfg.router.name) == "prefix_affinity" and not on:
+                        reason = "router prefix_affinity needs prefix caching"
+                    add(cand, reason, hw, sched, router)
+    if "disaggregated" in families:
+        # Only the scheduler knobs and precisions apply to the pools (sim/search/pools.py).
+        tps = [int(t) for t in _as_list(space.tp, "tp")]
+        if min(tps) < 1:
+            raise ConfigError(f"search.tp={tps}: tp must be >= 1")
+        for (hw, decode_hw), (tp_p, x, tp_d, y, reason), (wdt, kvdt) in itertools.product(
+                hw_pairs(list(hw_nodes), bool(space.get("disagg_mixed_hw", False))),
+                disagg_splits(tps, budget), dtypes):
+            for sched in schedulers:
+                for knob_values in knob_grid(knobs.get(sched) or {}):
+                    cand = Candidate(hw, tp_p, 1, x, sched, knob_values, weight_dtype=str(wdt or ""),
+                                     kv_dtype=str(kvdt or ""), deployment="disaggregated",
+                                     decode_hw=decode_hw, decode_tp=tp_d, decode_replicas=y)
+                    add(cand, reason, hw, sched)
     if not runnable and not skipped:
         raise ConfigError("search: the space is empty")
     return runnable, skipped
