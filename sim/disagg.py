@@ -39,10 +39,10 @@ from omegaconf import DictConfig, OmegaConf
 from conf import CONF_DIR, ConfigError, check_fields, choices
 from conf.schema import HwConf
 from sim import kv_transfer, offload, spec
-from sim.config import DeploymentConf, RouterConf
+from sim.config import DeploymentConf, KvTransferConf, PoolConf, RouterConf
 from sim.core import (SimResult, check_op_times, goodput, load_op_times_for, make_replicas, prepare,
                       request_stream, run_loop, warn_clipped)
-from sim.engine import KV_READY, WAKE, Engine, Request
+from sim.engine import KV_READY, Engine, Request
 from sim.metrics import Metrics, prefix_stats, replica_rows
 from sim.router import ROUTERS, RouterState
 
@@ -78,7 +78,6 @@ def deployment_conf(cfg: DictConfig) -> DeploymentConf:
     check_fields(dep, DeploymentConf, "deployment")
     d = OmegaConf.to_container(dep, resolve=True)
     out = DeploymentConf(**{k: v for k, v in d.items() if k not in ("prefill", "decode", "kv_transfer")})
-    from sim.config import KvTransferConf, PoolConf
     out.prefill, out.decode = PoolConf(**d["prefill"]), PoolConf(**d["decode"])
     out.kv_transfer = KvTransferConf(**d["kv_transfer"])
     if out.name not in ("colocated", "disaggregated"):
@@ -239,7 +238,7 @@ class DisaggEngine(Engine):
         src.note_kv(now)
         src.blocks.release(leg.leg)             # vLLM frees the prefill's blocks once they are read
         src.note_kv(now)
-        self._wake(src, now)
+        self.wake(src, now)
         leg.prefill_target = leg.prompt          # the last prompt token is recomputed for its logits
         leg.prefilled = leg.kv = leg.prompt - 1
         # Its blocks are held already, so it goes ahead of requests that must recompute (after
@@ -249,12 +248,7 @@ class DisaggEngine(Engine):
         while i < len(waiting) and waiting[i].blocks:
             i += 1
         waiting.insert(i, leg)
-        self._wake(dst, now)
-
-    def _wake(self, rep, now: float) -> None:
-        if not rep.stage0_busy and not rep.wake_pending:
-            rep.wake_pending = True
-            self.push(now, WAKE, rep)
+        self.wake(dst, now)
 
 
 def simulate(cfg: DictConfig, load_op_times=None, *, outputs: bool | None = None) -> SimResult:

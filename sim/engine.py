@@ -195,9 +195,13 @@ class Engine:
         replica.outstanding += 1
         replica.routed += 1
         replica.waiting.append(req)
-        if not replica.stage0_busy and not replica.wake_pending:
-            replica.wake_pending = True   # after every arrival at this instant
-            self.push(now, WAKE, replica)
+        self.wake(replica, now)
+
+    def wake(self, rep: Replica, now: float) -> None:
+        """Schedule rep at now, after every event of this instant, unless it is busy or due."""
+        if not rep.stage0_busy and not rep.wake_pending:
+            rep.wake_pending = True
+            self.push(now, WAKE, rep)
 
     # --- one replica ---------------------------------------------------------------------
     def start(self, rep: Replica, now: float) -> None:
