@@ -8,7 +8,9 @@ from pathlib import Path
 
 
 def model_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.glob("*") if p.suffix in (".ubj", ".json") and not p.name.startswith("report"))
+    # boosters, sidecars and measured anchors (estimator/anchors.py); not the reports
+    return sorted(p for p in directory.glob("*")
+                  if p.suffix in (".ubj", ".json", ".parquet") and not p.name.startswith("report"))
 
 
 def files_sha256(paths: list[Path]) -> str:

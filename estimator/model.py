@@ -20,6 +20,7 @@ import xgboost as xgb
 from conf.files import write_bytes
 from conf.schema import HwConf
 from estimator import features as F
+from estimator.anchors import Anchors, build as build_anchors
 from estimator.features import EstimatorError
 
 log = logging.getLogger("estimator")
@@ -117,8 +118,10 @@ def design_rows(df: pd.DataFrame, family: str, cards: dict[str, HwConf], vocab: 
 class FamilyModel:
     """Fitted boosters of one family plus the metadata needed to rebuild its features."""
 
-    def __init__(self, family: str, hw: HwConf | None, p50: xgb.Booster, band: xgb.Booster | None, meta: dict):
+    def __init__(self, family: str, hw: HwConf | None, p50: xgb.Booster, band: xgb.Booster | None, meta: dict,
+                 anchors: Anchors | None = None):
         self.family, self.hw, self.p50, self.band, self.meta = family, hw, p50, band, meta
+        self.anchors = anchors   # measured series that price their own shapes (estimator/anchors.py)
         self.quiet = False  # evaluation folds predict outside their training range on purpose
         self.warn_range = True  # off while the simulator tabulates (it checks its own lookups)
         self._warned: set[tuple] = set()
@@ -159,7 +162,11 @@ class FamilyModel:
                     hw=None if isinstance(hw, dict) else dataclasses.asdict(hw),
                     cards={n: dataclasses.asdict(c) for n, c in sorted(cards.items())},
                     target="log(measured_us / roofline_us), measured = time_us_median else time_us_mean", xgboost_version=xgb.__version__)
-        return cls(family, None if isinstance(hw, dict) else hw, p50, band, meta)
+        # one GPU's model only: a fleet model prices cards by their numbers, its rows' series
+        # belong to other GPUs
+        table = None if isinstance(hw, dict) else build_anchors(df, family, y - p50.inplace_predict(x))
+        anchors = Anchors(family, table) if table is not None else None
+        return cls(family, None if isinstance(hw, dict) else hw, p50, band, meta, anchors)
 
     @property
     def fleet(self) -> bool:
@@ -192,6 +199,9 @@ class FamilyModel:
             lo, hi = mid + np.minimum(lo_hi[:, 0], 0.0), mid + np.maximum(lo_hi[:, 1], 0.0)
         else:
             lo = hi = mid
+        if self.anchors is not None:   # measured shapes: the p50 is the measurement, the band keeps its width
+            shift = self.anchors.log_shift(df)
+            lo, mid, hi = lo + shift, mid + shift, hi + shift
         out = pd.DataFrame({"pred_time_us": prior * np.exp(mid)}, index=df.index)
         for name, val in zip(QUANTILES, (lo, mid, hi)):
             out[f"pred_time_us_{name}"] = prior * np.exp(val)
@@ -246,6 +256,10 @@ class FamilyModel:
             qpath.unlink(missing_ok=True)
         text = json.dumps(self.meta, indent=1, sort_keys=True, default=float)
         paths.append(write_bytes(d / f"{self.family}.json", text.encode()))
+        if self.anchors is not None:
+            paths.append(self.anchors.save(d))
+        else:
+            (d / f"{self.family}.anchors.parquet").unlink(missing_ok=True)
         return paths
 
     @classmethod
@@ -266,6 +280,7 @@ class FamilyModel:
         for b in (p50, band):
             if b is not None:
                 b.set_param({"nthread": 1})  # see TrainConf.nthread
-        return cls(family, HwConf(**meta["hw"]) if meta.get("hw") else None, p50, band, meta)
+        return cls(family, HwConf(**meta["hw"]) if meta.get("hw") else None, p50, band, meta,
+                   Anchors.load(d, family) if meta.get("hw") else None)
 
 

@@ -44,7 +44,7 @@ GRID_STEPS = 1
 DECODE_MAX_BATCH_LOG2, PREFILL_MAX_BATCH_LOG2 = 12, 8
 MAX_Q_LOG2, MAX_KV_LOG2 = 15, 17
 PREFILL_BATCH_STEPS = 1
-GRID_VERSION = 12  # bump when the tabulation changes, so old disk caches are not reused
+GRID_VERSION = 14  # bump when the tabulation (or how a model prices, e.g. estimator/anchors.py) changes, so old disk caches are not reused
 
 # An MoE model's MLP parts, tabulated apart from the other token ops.
 MLP_GEMMS = ("gate_up_proj", "up_proj", "down_proj")

@@ -188,6 +188,13 @@ class DeploymentConf:
     kv_transfer: KvTransferConf = field(default_factory=KvTransferConf)
 
 
+def deployment_name(cfg) -> str:
+    """The deployment family of a sim config (colocated | disaggregated); a config without a
+    deployment node (stored before there were families) is colocated."""
+    node = cfg.get("deployment") if hasattr(cfg, "get") else None
+    return str(node.get("name", "colocated")) if node else "colocated"
+
+
 @dataclass
 class SimConf:
     out_dir: Optional[str] = None     # None: no files (simulate) / Hydra's run dir (python -m sim.run)

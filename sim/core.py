@@ -11,7 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from conf import ConfigError, check_fields, shapes, to_hw, to_model, warn_once
 from conf.schema import ParallelConf
-from sim.config import MIXED_ATTENTION, QUANTILES, EngineConf, RouterConf, SchedulerConf, SimConf, WorkloadConf
+from sim.config import (MIXED_ATTENTION, QUANTILES, EngineConf, RouterConf, SchedulerConf, SimConf, WorkloadConf,
+                        deployment_name)
 from sim.costs import BatchCost
 from sim.engine import Engine, Replica
 from sim.router import ROUTERS
@@ -248,7 +249,7 @@ def simulate(cfg: DictConfig, op_times=None, *, outputs: bool | None = None) -> 
     """Run cfg's deployment on cfg's workload; ``op_times`` reuses a loaded OpTimes (same hw,
     model, tp). Writes files to ``cfg.sim.out_dir`` only when it is set (or outputs=True).
     ``deployment=disaggregated`` runs sim.disagg (op_times: a function pool cfg -> OpTimes)."""
-    if cfg.get("deployment") is not None and cfg.deployment.name != "colocated":
+    if deployment_name(cfg) != "colocated":
         from sim import disagg
         return disagg.simulate(cfg, load_op_times=op_times, outputs=outputs)
     wall0 = time.perf_counter()

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from conf import ConfigError
 from sim import search
 from sim.search import exec as search_exec
-from sim.search.pools import deployment_name
+from sim.config import deployment_name
 from sim.search.report import plot_pareto
 from sim.search.space import Candidate, config_hash, enumerate_space
 

@@ -347,7 +347,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="", help="comma-separated case names (and 'points'); default all")
     ap.add_argument("--set", action="append", default=[], help="extra sim override for every case, e.g. engine=vllm_v0")
-    ap.add_argument("--report", default=str(DATA / "report.json"), help="where to write the report (all cases only)")
+    ap.add_argument("--report", default=None,
+                    help="where to write the report (all cases only; default data/fidelity/gpu/report.json, "
+                         "and none for a run with --set, so a variant never replaces the shipped report)")
     args = ap.parse_args(argv)
     names = [n for n in args.cases.split(",") if n] or None
     try:
@@ -355,9 +357,10 @@ def main(argv=None) -> None:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    if names is None:
-        write_text(args.report, json.dumps(report, indent=1, default=float) + "\n")
-        print(f"\nreport: {Path(args.report).relative_to(REPO) if Path(args.report).is_relative_to(REPO) else args.report}")
+    path = args.report or (None if args.set else str(DATA / "report.json"))
+    if names is None and path:
+        write_text(path, json.dumps(report, indent=1, default=float) + "\n")
+        print(f"\nreport: {Path(path).relative_to(REPO) if Path(path).is_relative_to(REPO) else path}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from conf import ConfigError
 from sim.search.capacity import SeedCapacity, capacity_over_seeds
-from sim.search.pools import deployment_name
+from sim.config import deployment_name
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SimulateFn = Callable[[object], dict]       # composed sim cfg -> summary dict

@@ -20,13 +20,6 @@ from conf import ConfigError
 
 DEPLOYMENTS = ("colocated", "disaggregated")
 
-def deployment_name(cfg) -> str:
-    """The family of a sim config; one without a deployment node (stored before there were
-    families) is colocated."""
-    node = cfg.get("deployment") if hasattr(cfg, "get") else None
-    return str(node.get("name", "colocated")) if node else "colocated"
-
-
 def deployments(space) -> list[str]:
     """The validated ``search.deployments`` list, each family once, in the given order."""
     value = space.get("deployments", ["colocated"])
