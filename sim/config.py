@@ -7,6 +7,7 @@ are off unless asked so that ``simulate`` is cheap for the search.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence
 
@@ -249,6 +250,26 @@ def compose(overrides: Sequence[str] = ()):
     """The composed ``conf/sim.yaml`` with ``overrides`` (what ``python -m sim.run`` would see)."""
     register()
     return conf.compose("sim", overrides)
+
+
+def option_node(group: str, name: str):
+    """The composed node of one option of a config group (``hw``, ``scheduler``, ...) as Hydra
+    composes it for ``group=name``: what a disaggregated pool naming another GPU and the search
+    comparing GPUs both price with. Unknown names fail with the group's options."""
+    if name not in conf.choices(group):
+        raise conf.ConfigError(f"{group}={name!r} is not an option; choose one of {', '.join(conf.choices(group))}")
+    return _compose_cached((f"{group}={name}",))[group].copy()   # a copy: callers may not share edits
+
+
+@functools.lru_cache(maxsize=64)
+def _compose_cached(overrides: tuple):
+    # Cached: a composition depends only on the YAML files and these overrides, and the search
+    # asks for each GPU of its space once per candidate.
+    from hydra import compose as hydra_compose
+    from hydra.core.global_hydra import GlobalHydra
+    if GlobalHydra.instance().is_initialized():    # inside a Hydra app (python -m sim.run / sim.search)
+        return hydra_compose("sim", list(overrides))
+    return compose(list(overrides))
 
 
 conf.add_registrar(register)

@@ -36,10 +36,9 @@ from collections import deque
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from conf import CONF_DIR, ConfigError, check_fields, choices
-from conf.schema import HwConf
+from conf import ConfigError, check_fields, choices
 from sim import kv_transfer, offload, spec
-from sim.config import DeploymentConf, KvTransferConf, PoolConf, RouterConf
+from sim.config import DeploymentConf, KvTransferConf, PoolConf, RouterConf, option_node
 from sim.core import (SimResult, check_op_times, goodput, load_op_times_for, make_replicas, prepare,
                       request_stream, run_loop, warn_clipped)
 from sim.engine import KV_READY, Engine, Request
@@ -62,15 +61,6 @@ class DisaggRequest(Request):
         super().__init__(rid, arrival_s, prompt, output, hashes, session)
         self.final_output, self.leg = output, None
         self.prefill_done_s = self.kv_start_s = self.kv_ready_s = -1.0
-
-
-def _load_hw(name: str) -> DictConfig:
-    """A conf/hw card by name, merged on its schema (no Hydra: a pool may name another GPU)."""
-    if name not in choices("hw"):
-        raise ConfigError(f"deployment pool hw={name!r}; choose one of {', '.join(choices('hw'))}")
-    node = OmegaConf.load(CONF_DIR / "hw" / f"{name}.yaml")
-    node.pop("defaults", None)
-    return OmegaConf.merge(OmegaConf.structured(HwConf), node)
 
 
 def deployment_conf(cfg: DictConfig) -> DeploymentConf:
@@ -110,7 +100,9 @@ def pool_configs(cfg: DictConfig) -> dict[str, DictConfig]:
         p = getattr(dep, pool)
         data = copy.deepcopy(base)
         if p.hw and p.hw != base["hw"]["name"]:
-            data["hw"] = OmegaConf.to_container(_load_hw(p.hw), resolve=True)
+            if p.hw not in choices("hw"):
+                raise ConfigError(f"deployment.{pool}.hw={p.hw!r}; choose one of {', '.join(choices('hw'))}")
+            data["hw"] = OmegaConf.to_container(option_node("hw", p.hw), resolve=True)
         data["parallel"] = {**base["parallel"], "tp": p.tp or base["parallel"]["tp"],
                             "pp": p.pp or base["parallel"]["pp"], "replicas": p.replicas}
         overrides = {k: v for k, v in p.scheduler.items() if v is not None}

@@ -19,7 +19,6 @@ which dimensions they take).
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 import json
@@ -29,7 +28,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from conf import ConfigError, choices, compose, shapes, to_model
+from conf import ConfigError, choices, shapes, to_model
+from sim.config import option_node
 from sim.search.pools import (
     deployment_nodes,
     deployments,
@@ -149,21 +149,6 @@ def knob_grid(knob_lists: dict) -> list[tuple]:
     return [tuple(zip(names, combo)) for combo in itertools.product(*values)]
 
 
-def _compose_sim(overrides: list[str]) -> DictConfig:
-    return _compose_sim_cached(tuple(overrides)).copy()   # a copy: callers may not share edits
-
-
-@functools.lru_cache(maxsize=64)
-def _compose_sim_cached(overrides: tuple) -> DictConfig:
-    # Cached: the search composes each hw option for its candidates and again for prices, and
-    # a composition depends only on the YAML files and these overrides.
-    from hydra import compose as hydra_compose
-    from hydra.core.global_hydra import GlobalHydra
-    if GlobalHydra.instance().is_initialized():    # inside ``python -m sim.search``'s Hydra app
-        return hydra_compose("sim", list(overrides))
-    return compose("sim", list(overrides))
-
-
 def group_nodes(cfg: DictConfig, group: str, names: list[str]) -> dict[str, DictConfig]:
     """The composed node of each named option of a group (hw, scheduler).
 
@@ -178,7 +163,7 @@ def group_nodes(cfg: DictConfig, group: str, names: list[str]) -> dict[str, Dict
         if (cfg.get(group) or {}).get("name") == name:
             nodes[name] = cfg[group]
         else:
-            nodes[name] = _compose_sim([f"{group}={name}"])[group]
+            nodes[name] = option_node(group, name)
     return nodes
 
 
