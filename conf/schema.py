@@ -91,6 +91,10 @@ class ParallelConf:
     # --moe-a2a-backend deepep). Meaning of every field: conf/shapes.py Layout.
     all2all_backend: str = "allgather_reducescatter"
     expert_imbalance: float = 1.0     # busiest EP rank's routed tokens / mean (1 = balanced)
+    # token -> expert distribution the fused-MoE kernel is priced at: one of the distributions
+    # aiconfigurator measures (balanced, power_law_1.01, power_law_1.2); its default, real
+    # routers being skewed, is power_law_1.2 (ModelConfig.workload_distribution = "power_law")
+    expert_routing: str = "power_law_1.2"
 
 
 def check_model(model: ModelConf) -> None:

@@ -87,6 +87,8 @@ def stage_mlp_mix(model: ModelConf, pp: int) -> list[tuple[int, int]]:
 
 # --- parallel layout ------------------------------------------------------------------------
 ALL2ALL_BACKENDS = ("allgather_reducescatter", "deepep")
+# token -> expert distributions of the MoE tables (aiconfigurator: moe_<routing> rows)
+EXPERT_ROUTINGS = ("power_law_1.2", "power_law_1.01", "balanced")
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,9 @@ class Layout:
     (all-gather of every rank's tokens, reduce-scatter of the outputs) or ``deepep``
     (all-to-all of each token's top-k copies: vLLM ``deepep_*``/``pplx``, SGLang
     ``--moe-a2a-backend deepep``). ``expert_imbalance`` is the busiest EP rank's routed tokens
-    over the mean (1 = balanced); the slowest rank sets the step time.
+    over the mean (1 = balanced); the slowest rank sets the step time. ``expert_routing`` is
+    how tokens spread over the experts inside the fused-MoE kernel (``EXPERT_ROUTINGS``: the
+    distributions aiconfigurator measures; a skewed one leaves some experts' GEMMs longer).
     """
     tp: int = 1
     pp: int = 1
@@ -115,6 +119,7 @@ class Layout:
     dp_attention: bool = False
     all2all: str = "allgather_reducescatter"
     expert_imbalance: float = 1.0
+    expert_routing: str = "power_law_1.2"
 
     @property
     def dp(self) -> int:
@@ -169,7 +174,8 @@ def check_pp(model: ModelConf, pp: int) -> None:
 
 
 def layout(model: ModelConf, tp: int = 1, pp: int = 1, ep: int = 1, dp_attention: bool = False,
-           all2all: str = "allgather_reducescatter", expert_imbalance: float = 1.0) -> Layout:
+           all2all: str = "allgather_reducescatter", expert_imbalance: float = 1.0,
+           expert_routing: str = "power_law_1.2") -> Layout:
     """The validated layout; a layout the engines cannot run ends with one line naming the rule."""
     from conf import ConfigError
     check_tp(model, tp)
@@ -195,6 +201,9 @@ def layout(model: ModelConf, tp: int = 1, pp: int = 1, ep: int = 1, dp_attention
     if expert_imbalance < 1:
         raise ConfigError(f"parallel.expert_imbalance={expert_imbalance}: the busiest EP rank's "
                           f"routed tokens over the mean is >= 1 (1 = balanced)")
+    if expert_routing not in EXPERT_ROUTINGS:
+        raise ConfigError(f"parallel.expert_routing={expert_routing!r}; choose one of {list(EXPERT_ROUTINGS)} "
+                          f"(the token -> expert distributions the MoE tables measure)")
     if dp_attention:
         if ep % tp:
             raise ConfigError(f"parallel.dp_attention=true: attention runs in ep/tp data-parallel "
@@ -208,7 +217,7 @@ def layout(model: ModelConf, tp: int = 1, pp: int = 1, ep: int = 1, dp_attention
         raise ConfigError(f"parallel.ep={ep} with tp={tp}: without dp_attention the experts spread "
                           f"over the tp GPUs of a stage, so ep must divide tp (allowed ep: {ok}); "
                           f"or set parallel.dp_attention=true")
-    lay = Layout(tp, pp, ep, bool(dp_attention), all2all, float(expert_imbalance))
+    lay = Layout(tp, pp, ep, bool(dp_attention), all2all, float(expert_imbalance), str(expert_routing))
     if expert_ffn(model) % lay.moe_tp:
         raise ConfigError(f"{name}: expert intermediate size {expert_ffn(model)} is not divisible by "
                           f"the {lay.moe_tp}-way tensor parallelism inside each expert (tp/ep)")
@@ -221,7 +230,7 @@ def layout_of(model: ModelConf, parallel) -> Layout:
     return layout(model, int(get("tp", 1)), int(get("pp", 1)), int(get("ep", 1) or 1),
                   bool(get("dp_attention", False)),
                   str(get("all2all_backend", "allgather_reducescatter")),
-                  float(get("expert_imbalance", 1.0)))
+                  float(get("expert_imbalance", 1.0)), str(get("expert_routing", "power_law_1.2")))
 
 
 def stages_cross_node(lay: Layout, devices_per_node: int) -> list[bool]:

@@ -246,13 +246,26 @@ class OpTimes:
         if m.num_shared_experts:
             t += self._elementwise(self._activation_op(shapes.shared_expert_ffn(m) // self.tp), tokens)
         seen = tokens * lay.dp * (lay.imbalance if lay.ep > 1 else 1.0)
-        frame = self._frame(op="moe_balanced", num_tokens=seen, hidden_size=m.hidden_size,
+        frame = self._frame(op=self._moe_op(), num_tokens=seen, hidden_size=m.hidden_size,
                             ffn_size=shapes.expert_ffn(m), num_experts=m.num_experts,
                             top_k=m.experts_per_token, ep=lay.ep, tp=lay.moe_tp)
         frame["dtype"] = shapes.weight_dtype(m)
         t += self.predict("moe", frame)
         calls = [c for c in shapes.moe_block_collectives(m, lay, tokens) if c.op != "all_reduce"]
         return t + self._collectives_us(calls)
+
+    def _moe_op(self) -> str:
+        """The fused-MoE rows of the layout's routing distribution; where this GPU's tables lack
+        it, the nearest one they hold (more skewed first), said once."""
+        want = f"moe_{self.layout.expert_routing}"
+        if self.knows("moe", want):
+            return want
+        order = shapes.EXPERT_ROUTINGS[shapes.EXPERT_ROUTINGS.index(self.layout.expert_routing):] + \
+            shapes.EXPERT_ROUTINGS
+        have = next((f"moe_{r}" for r in order if self.knows("moe", f"moe_{r}")), want)
+        warn_once(("moe-routing", self.hw.name, want), f"hw={self.hw.name}: no {want} rows; the MoE "
+                  f"experts are priced from {have} (parallel.expert_routing)", "estimator")
+        return have
 
     def _collectives_us(self, calls: list) -> np.ndarray:
         """Sum of collectives (sizes: one per tabulated token count)."""

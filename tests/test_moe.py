@@ -49,6 +49,7 @@ def test_layout_widths():
     (card("llama3-8b"), dict(dp_attention=True), "dense model; DP attention"),
     (MIX, dict(tp=2, ep=2, all2all="nccl"), "all2all_backend='nccl'; choose one of"),
     (MIX, dict(tp=2, ep=2, expert_imbalance=0.5), "expert_imbalance=0.5"),
+    (MIX, dict(tp=2, expert_routing="zipf"), "expert_routing='zipf'; choose one of"),
 ])
 def test_invalid_layouts_name_the_rule(model, kw, rule):
     with pytest.raises(ConfigError, match=rule):
@@ -132,6 +133,24 @@ def test_moe_query_per_layout_and_imbalance():
     flat = rt.OpTimes(H100, DS, 1, max_tokens=64, layout=dataclasses.replace(lay, expert_imbalance=1.0))
     assert ops.moe_mlp_us(64) > flat.moe_mlp_us(64)
     assert ops.layer_token_ops_us(64) == flat.layer_token_ops_us(64)
+
+
+def test_moe_rows_follow_the_routing_distribution(caplog):
+    """The experts are priced from the rows of the layout's routing (default power_law_1.2, as
+    aiconfigurator prices real, skewed routers); a GPU without those rows uses the nearest it
+    has and says so once."""
+    def ops_for(routing, knows=None):
+        rec = Recorder(H100)
+        rt.OpTimes(H100, MIX, 2, predict=rec, max_tokens=16, knows=knows,
+                   layout=shapes.layout(MIX, tp=2, expert_routing=routing))
+        return set(rec.of("moe").op)
+    assert shapes.layout(MIX, tp=2).expert_routing == "power_law_1.2"
+    assert ops_for("power_law_1.2") == {"moe_power_law_1.2"}
+    assert ops_for("balanced") == {"moe_balanced"}
+    only_balanced = lambda family, op: family != "moe" or op == "moe_balanced"  # noqa: E731
+    with caplog.at_level(logging.WARNING):
+        assert ops_for("power_law_1.01", only_balanced) == {"moe_balanced"}
+    assert "no moe_power_law_1.01 rows" in caplog.text
 
 
 def test_moe_block_replaces_the_dense_mlp():
