@@ -44,7 +44,9 @@ GRID_STEPS = 1
 DECODE_MAX_BATCH_LOG2, PREFILL_MAX_BATCH_LOG2 = 12, 8
 MAX_Q_LOG2, MAX_KV_LOG2 = 15, 17
 PREFILL_BATCH_STEPS = 1
-GRID_VERSION = 14  # bump when the tabulation (or how a model prices, e.g. estimator/anchors.py) changes, so old disk caches are not reused
+# bump when the tabulation (or how a model prices, e.g. estimator/anchors.py) changes, so old
+# disk caches are not reused
+GRID_VERSION = 14
 
 # An MoE model's MLP parts, tabulated apart from the other token ops.
 MLP_GEMMS = ("gate_up_proj", "up_proj", "down_proj")
@@ -256,7 +258,7 @@ class OpTimes:
 
     def _moe_op(self) -> str:
         """The fused-MoE rows of the layout's routing distribution; where this GPU's tables lack
-        it, the nearest one they hold (more skewed first), said once."""
+        it, the first one they hold going towards balanced (then any other), said once."""
         want = f"moe_{self.layout.expert_routing}"
         if self.knows("moe", want):
             return want

@@ -252,12 +252,14 @@ def compose(overrides: Sequence[str] = ()):
     return conf.compose("sim", overrides)
 
 
-def option_node(group: str, name: str):
+def option_node(group: str, name: str, where: str = ""):
     """The composed node of one option of a config group (``hw``, ``scheduler``, ...) as Hydra
     composes it for ``group=name``: what a disaggregated pool naming another GPU and the search
-    comparing GPUs both price with. Unknown names fail with the group's options."""
+    comparing GPUs both price with. An unknown name fails with the group's options, prefixed by
+    ``where`` (the setting that named it)."""
     if name not in conf.choices(group):
-        raise conf.ConfigError(f"{group}={name!r} is not an option; choose one of {', '.join(conf.choices(group))}")
+        raise conf.ConfigError(f"{where + ': ' if where else ''}unknown {group} {name!r}; "
+                               f"choose one of {', '.join(conf.choices(group))}")
     return _compose_cached((f"{group}={name}",))[group].copy()   # a copy: callers may not share edits
 
 

@@ -36,7 +36,7 @@ from collections import deque
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from conf import ConfigError, check_fields, choices
+from conf import ConfigError, check_fields
 from sim import kv_transfer, offload, spec
 from sim.config import DeploymentConf, KvTransferConf, PoolConf, RouterConf, option_node
 from sim.core import (SimResult, check_op_times, goodput, load_op_times_for, make_replicas, prepare,
@@ -100,9 +100,7 @@ def pool_configs(cfg: DictConfig) -> dict[str, DictConfig]:
         p = getattr(dep, pool)
         data = copy.deepcopy(base)
         if p.hw and p.hw != base["hw"]["name"]:
-            if p.hw not in choices("hw"):
-                raise ConfigError(f"deployment.{pool}.hw={p.hw!r}; choose one of {', '.join(choices('hw'))}")
-            data["hw"] = OmegaConf.to_container(option_node("hw", p.hw), resolve=True)
+            data["hw"] = OmegaConf.to_container(option_node("hw", p.hw, f"deployment.{pool}.hw"), resolve=True)
         data["parallel"] = {**base["parallel"], "tp": p.tp or base["parallel"]["tp"],
                             "pp": p.pp or base["parallel"]["pp"], "replicas": p.replicas}
         overrides = {k: v for k, v in p.scheduler.items() if v is not None}
@@ -178,9 +176,7 @@ class DisaggEngine(Engine):
         leg.first_sched_s, leg.preemptions, leg.cached_tokens, leg.leg = (r.first_sched_s, r.preemptions,
                                                                           r.cached_tokens, r)
         dst = self.route_decode(self.decode, leg, self.decode_state)
-        leg.replica = dst.idx
-        dst.outstanding += 1
-        dst.routed += 1
+        dst.assign(leg)
         dst.kv_queue.append(leg)
         self.admit_kv(dst, now)
 

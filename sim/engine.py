@@ -82,6 +82,12 @@ class Replica:
         self.kv_changed_at = 0.0
         self.peak_blocks = 0
 
+    def assign(self, req) -> None:
+        """req is routed here: outstanding (for the routers) until it completes, and counted."""
+        req.replica = self.idx
+        self.outstanding += 1
+        self.routed += 1
+
     def note_kv(self, now: float) -> None:
         b = self.blocks
         used = b.capacity - b.free
@@ -191,9 +197,7 @@ class Engine:
 
     def _route(self, req: Request, now: float) -> None:
         replica = self.route(self.entry, req, self.router_state)
-        req.replica = replica.idx
-        replica.outstanding += 1
-        replica.routed += 1
+        replica.assign(req)
         replica.waiting.append(req)
         self.wake(replica, now)
 

@@ -20,6 +20,7 @@ from conf import ConfigError
 
 DEPLOYMENTS = ("colocated", "disaggregated")
 
+
 def deployments(space) -> list[str]:
     """The validated ``search.deployments`` list, each family once, in the given order."""
     value = space.get("deployments", ["colocated"])

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from conf import ConfigError, choices, shapes, to_model
+from conf import ConfigError, shapes, to_model
 from sim.config import option_node
 from sim.search.pools import (
     deployment_nodes,
@@ -155,15 +155,12 @@ def group_nodes(cfg: DictConfig, group: str, names: list[str]) -> dict[str, Dict
     The option the search config itself selected keeps the user's command-line overrides
     (e.g. ``hw.price_per_gpu_hour_usd=2``); other options are composed fresh.
     """
-    known = choices(group)
     nodes = {}
     for name in names:
-        if name not in known:
-            raise ConfigError(f"search: unknown {group} {name!r}; choose from {', '.join(known)}")
         if (cfg.get(group) or {}).get("name") == name:
             nodes[name] = cfg[group]
         else:
-            nodes[name] = option_node(group, name)
+            nodes[name] = option_node(group, name, "search")
     return nodes
 
 
